@@ -7,10 +7,12 @@ tower frozen, gradient checkpointing, SDPA, bf16. Data: synthetic rows shaped li
 image per row -> 576 image tokens at 336 px, text lengths log-normal around 120 tokens, 2/7 refusal rows), processed
 on the fly by each trainer's own collator with a CLIP image processor at 336 px and the llava-hf chat template.
 
-Every variant trains on the same rows with the same arguments; only the trainer / lever differs. Prints one JSON line
-per variant (and appends it to $OUT/bench_train.jsonl): real (non-padding) tokens/s, samples/s, step time, padding,
-peak GPU memory, and model TFLOP/s counted as 6 x 6.74e9 x real tokens (Llama-2-7B parameters; the frozen vision
-tower, attention scores and LoRA matmuls are not counted).
+Every variant trains on the same rows with the same arguments; only the trainer / lever differs. Each variant runs in a
+fresh process of its own (run after another in one process, a variant's peak memory included what the previous one
+still held: 28.9 vs 24.8 GiB for the defaults), and a name may be repeated to measure run-to-run spread. Prints one
+JSON line per variant (and appends it to $OUT/bench_train.jsonl): real (non-padding) tokens/s, samples/s, step time,
+padding, peak GPU memory, and model TFLOP/s counted as 6 x 6.74e9 x real tokens (Llama-2-7B parameters; the frozen
+vision tower, attention scores and LoRA matmuls are not counted); then a Markdown table of the training variants.
 
 Variants (VARIANTS, comma-separated):
     stock          trl.SFTTrainer, its own DataCollatorForVisionLanguageModeling
@@ -33,13 +35,13 @@ SMALL=1 (tiny model on CPU: a dry run of the harness), OUT (folder for results, 
 
 Example:
     BS=16 STEPS=14 VARIANTS=check,stock,ours,ours_nofuse,ours_nofuse_padded python bench/bench_train.py
+    BS=16 VARIANTS=ours,stock,ours,stock python bench/bench_train.py  # alternating repeats; table shows medians
     SMALL=1 BS=4 STEPS=4 WARM=1 WORKERS=0 VARIANTS=check,stock,ours,ours_nofuse_grouped,collate \
         python bench/bench_train.py  # CPU dry run
 """
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import math
@@ -236,14 +238,6 @@ def train_variant(name: str, proc, ds):
                   padding_free=getattr(trainer, "padding_free", False) if ours else False,
                   total_train_s=total, losses=losses)
     log(**result)
-    # Release everything the trainer holds (optimizer state included) so the next variant's peak is its own
-    trainer.accelerator.free_memory()
-    trainer.optimizer = trainer.lr_scheduler = trainer.model = trainer.model_wrapped = None
-    trainer.compute_loss = None  # breaks the Meter.wrap reference cycle
-    del trainer, model
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -254,7 +248,7 @@ def check_equivalence(proc, ds, n: int = 8):
     from trl_rejection import batching
     from trl_rejection.collator import RejectionDataCollator
 
-    rows = [dict(ds[i]) for i in range(n)]
+    rows = [dict(ds[i]) for i in range(min(n, len(ds)))]
     padded = RejectionDataCollator(proc, max_length=2048)(rows)
     packed = RejectionDataCollator(proc, max_length=2048, padding_free=True)(rows)
     for b in (padded, packed):
@@ -279,7 +273,7 @@ def check_equivalence(proc, ds, n: int = 8):
 
     batching.register_varlen_attention()
     ref_loss, ref_h = run(padded, "sdpa")
-    result = dict(variant="check", rows=n, real_tokens=int(mask.sum()), padded_tokens=mask.numel(),
+    result = dict(variant="check", rows=len(rows), real_tokens=int(mask.sum()), padded_tokens=mask.numel(),
                   loss_padded=ref_loss)
     leaky = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length"))}
     leaky["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]  # one long sequence: no isolation
@@ -294,18 +288,13 @@ def check_equivalence(proc, ds, n: int = 8):
         result[f"loss_{tag}"] = loss
         result[f"loss_absdiff_{tag}"] = abs(loss - ref_loss)
         result[f"hidden_reldiff_{tag}"] = float((h - ref_h).norm() / ref_h.norm())
-    if True:  # the same padded batch in fp32: how far is each bf16 run from exact arithmetic?
-        model.float()
-        loss32, h32 = run(padded, "sdpa", bf16=False)
-        result["loss_fp32_padded"] = loss32
-        for tag, h in hidden.items():
-            result[f"hidden_reldiff_vs_fp32_{tag}"] = float((h - h32).norm() / h32.norm())
-    model.config.get_text_config()._attn_implementation = "sdpa"
+    # The same padded batch in fp32: how far is each bf16 run from exact arithmetic?
+    model.float()
+    loss32, h32 = run(padded, "sdpa", bf16=False)
+    result["loss_fp32_padded"] = loss32
+    for tag, h in hidden.items():
+        result[f"hidden_reldiff_vs_fp32_{tag}"] = float((h - h32).norm() / h32.norm())
     log(**result)
-    del model
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 def bench_collate(proc, ds, batches: int = 6):
@@ -328,6 +317,36 @@ def bench_collate(proc, ds, batches: int = 6):
             image_processor=type(proc.image_processor).__name__)
 
 
+def run_isolated(variants: list[str]) -> None:
+    """Run each variant in a fresh process, one after another, so no variant inherits another's GPU memory, caching
+    allocator state or compiled kernels; then print a Markdown table (median of repeats when a name is repeated)."""
+    import statistics
+    import subprocess
+
+    results: dict[str, list[dict]] = {}
+    for name in variants:
+        env = {**os.environ, "VARIANTS": name, "BENCH_CHILD": "1"}
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True)
+        lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"variant": "' + name)]
+        for rec in lines:
+            print(json.dumps(rec), flush=True)
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
+        results.setdefault(name, []).extend(r for r in lines if "real_tok_s" in r)
+    stock = [r["real_tok_s"] for r in results.get("stock", [])]
+    base = statistics.median(stock) if stock else None
+    print("\n| variant | runs | real tokens/s (median; each run) | vs stock | padding | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, recs in results.items():
+        if not recs:
+            continue
+        tps = [r["real_tok_s"] for r in recs]
+        med = statistics.median(tps)
+        ratio = f"{med / base:.2f}x" if base else "-"
+        print(f"| {name} | {len(recs)} | {med:,.0f} ({', '.join(f'{t:,.0f}' for t in tps)}) | {ratio} | "
+              f"{recs[0]['pad_frac']:.1%} | {max(r['peak_gib'] for r in recs):.1f} |")
+
+
 def main():
     import trl
 
@@ -339,27 +358,24 @@ def main():
         info["torch_varlen_attn"] = True
     except ImportError:
         info["torch_varlen_attn"] = False
-    log(**info)
+    if len(VARIANTS) > 1 and not os.environ.get("BENCH_CHILD"):
+        log(**info)
+        run_isolated(VARIANTS)
+        return
+    if not os.environ.get("BENCH_CHILD"):
+        log(**info)
     proc = processor()
     t0 = time.perf_counter()
     ds = build_rows(proc, BS * STEPS, seed=int(os.environ.get("ROWS_SEED", "0")))
-    log(variant="data", rows=len(ds), build_s=time.perf_counter() - t0)
-    for name in VARIANTS:
-        try:
-            if name == "check":
-                check_equivalence(proc, ds)
-            elif name == "collate":
-                bench_collate(proc, ds)
-            else:
-                train_variant(name, proc, ds)
-        except Exception as e:  # keep measuring the other variants
-            import traceback
-
-            traceback.print_exc()
-            log(variant=name, error=f"{type(e).__name__}: {e}"[:2000])
-            gc.collect()
-            if CUDA:
-                torch.cuda.empty_cache()
+    if not os.environ.get("BENCH_CHILD"):
+        log(variant="data", rows=len(ds), build_s=time.perf_counter() - t0)
+    name = VARIANTS[0]
+    if name == "check":
+        check_equivalence(proc, ds)
+    elif name == "collate":
+        bench_collate(proc, ds)
+    else:
+        train_variant(name, proc, ds)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ class RejectionSFTConfig(SFTConfig):
             Parameter-name fragments that identify the projector (LLaVA, Qwen2-VL, Idefics3, Gemma 3 names).
 
     Throughput options. Measured effects: one H100, LLaVA-1.5-7B-shaped model, LoRA r=128 (dropout 0.05) on the
-    language model, projector trained, gradient checkpointing, batch 16, real (non-padding) tokens/s; stock TRL
-    `SFTTrainer`: 3,501. Details and the command: `bench/RESULTS.md`.
+    language model, projector trained, gradient checkpointing, batch 16, real (non-padding) tokens/s, each lever
+    changed alone and compared with the defaults in the same call (8,079; 8,140 for `fuse_elementwise_ops` and LoRA
+    dropout). Medians: defaults 8,178, stock TRL `SFTTrainer` 3,845. Details and the commands: `bench/RESULTS.md`.
 
         padding_free (`bool`, defaults to `True`):
             Concatenate each batch's rows into one sequence without padding. Unlike TRL's option of this name it
@@ -45,31 +46,31 @@ class RejectionSFTConfig(SFTConfig):
             from `"sdpa"` to `"sdpa_varlen"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA call
             per row elsewhere), so rows never attend to each other and the loss is the padded batch's (within bf16
             noise on the GPU, 1e-5 in fp32). Models with multimodal RoPE or token-type masks (Qwen2-VL family,
-            Gemma 3, ...) fall back to padded batches. Measured: 7,420 tokens/s vs 4,522 padded (+64%), peak memory
-            28.9 vs 35.7 GiB.
+            Gemma 3, ...) fall back to padded batches. Measured: padded batches 4,824 tokens/s (-40%), peak memory
+            34.0 vs 24.8 GiB.
         train_sampling_strategy (`str`, defaults to `"random"`):
             `"group_by_length"` groups rows of similar estimated length (text characters / 4 + tokens per image; or
             the `length` column if the dataset has one) into batches, image rows and text-only rows apart, like
-            LLaVA's `group_by_modality_length`. With padded batches it cuts padding from 37% to 9.5% (6,421 vs
-            4,522 tokens/s); with `padding_free` there is no padding to remove, so the default keeps random order.
+            LLaVA's `group_by_modality_length`. With padded batches it cuts padding from 37% to 9.5% (6,976 vs
+            4,824 tokens/s); with `padding_free` there is no padding to remove, so the default keeps random order.
         cast_lora_inputs (`bool`, defaults to `False`):
             PEFT upcasts every LoRA layer's input to the adapters' fp32 dtype before dropout and the LoRA matmuls.
             Under bf16/fp16 autocast those matmuls run in half precision anyway, so the upcast only adds copies
             (several full-size activation tensors per LoRA layer, forward and backward). `False` skips it during
             training and evaluation steps whenever autocast is on; with LoRA dropout 0 the results are bit-identical.
-            `True` keeps PEFT's behaviour. Measured: 7,420 tokens/s vs 6,394 with the upcast (+16%).
+            `True` keeps PEFT's behaviour. Measured: with the upcast 7,081 tokens/s (-12%), peak 25.9 GiB.
         fuse_elementwise_ops (`bool` or `None`, defaults to `None`):
             Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) as
             `torch.compile`-fused kernels; matmuls and LoRA stay eager. Two small pure functions are compiled once
             (dynamic shapes; ~10 s at the first step on the H100) and shared by all layers. `None`: on when
-            training on CUDA. Measured: 8,289 tokens/s vs 7,418 (+12%), peak 24.8 vs 28.9 GiB.
+            training on CUDA. Measured: eager ops 6,991 tokens/s (-14%), peak 25.5 GiB.
         dataloader_num_workers (`int`, defaults to `4`):
             Processes that collate (render, tokenize, process images) while the GPU trains. At 0 the image
-            processing runs between steps on the training process: 6,698 tokens/s vs 7,420 with 8 workers (-10%).
-            One worker collates ~118 rows/s on the H100 machine's CPU (torchvision CLIP processor) against ~11 rows/s
+            processing runs between steps on the training process: 6,845 tokens/s (-15%; the benchmark uses 8).
+            One worker collates ~99 rows/s on the H100 machine's CPU (torchvision CLIP processor) against ~11 rows/s
             consumed, so 4 leave ample headroom.
 
-    LoRA dropout is the `LoraConfig`'s: 0 instead of 0.05 measured +3% (7,660 vs 7,420) and +4% with fused ops.
+    LoRA dropout is the `LoraConfig`'s: 0 instead of 0.05 measured +5% (8,541).
 
     Defaults differing from `SFTConfig` follow the paper: `learning_rate=2e-4`, cosine schedule, 3% warm-up,
     3 epochs, `max_length=2048`; `skip_prepare_dataset` is on because the collator renders rows itself.
