@@ -232,15 +232,18 @@ class LlamaGuardJudge:
 
 
 def get_judge(judge: str | PhraseList | Judge | None = None) -> Judge:
-    """Resolve a judge spec: None (the paper's rule), a `PHRASE_LISTS` name, a `PhraseList`, a local Llama Guard
-    directory (or "llama_guard:<path or Hub id>"), or any callable `(prompt, completion) -> label`.
+    """Resolve a judge spec: None or "default" (the paper's rule; "default" is `evaluate`'s config name when none is
+    given), a `PHRASE_LISTS` name, a `PhraseList`, a local Llama Guard directory (or "llama_guard:<path or Hub id>"),
+    or any callable `(prompt, completion) -> label`.
 
     Example:
         >>> get_judge(None).name, get_judge("gcg").name
         ('string_match:paper', 'string_match:gcg')
     """
-    if judge is None or isinstance(judge, PhraseList):
-        return StringMatchJudge(judge or PAPER)
+    if judge is None or isinstance(judge, str) and judge == "default":
+        return StringMatchJudge(PAPER)
+    if isinstance(judge, PhraseList):
+        return StringMatchJudge(judge)
     if isinstance(judge, str):
         if judge in PHRASE_LISTS:
             return StringMatchJudge(judge)

@@ -68,9 +68,5 @@ class AttackSuccessRate(evaluate.Metric):
         )
 
     def _compute(self, predictions, prompts=None, categories=None, judge=None):
-        labels, name = classify(predictions, prompts, judge if judge is not None else _config_judge(self.config_name))
+        labels, name = classify(predictions, prompts, judge if judge is not None else self.config_name)
         return {**asr_summary(labels, categories), "judge": name}
-
-
-def _config_judge(config_name: str):
-    return None if config_name == "default" else config_name

@@ -67,12 +67,8 @@ class OverRefusal(evaluate.Metric):
         )
 
     def _compute(self, predictions, prompts=None, categories=None, judge=None):
-        resolved = get_judge(judge if judge is not None else _config_judge(self.config_name))
+        resolved = get_judge(judge if judge is not None else self.config_name)
         if getattr(resolved, "scores_refusal", True) is False:
             raise ValueError(f"judge {judge_name(resolved)!r} cannot tell refusals apart; use a string-match judge")
         labels, name = classify(predictions, prompts, resolved)
         return {**over_refusal_summary(labels, categories), "judge": name}
-
-
-def _config_judge(config_name: str):
-    return None if config_name == "default" else config_name
