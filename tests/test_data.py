@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +17,8 @@ from PIL import Image
 from trl_rejection.cli import main as cli_main
 from trl_rejection.data import (DEFAULT_REFUSAL, MixConfig, MixDataError, RefusalMix, build_mix, open_source,
                                 plan_mix, write_sample_data)
+from trl_rejection.data.builder import FEATURES, rows_to_table
+from trl_rejection.data.mix import RowParts
 
 
 def _llava(i: int, prefix: str, turns: int = 2, image: bool = True) -> dict:
@@ -316,3 +319,20 @@ def test_malformed_record_mid_file_is_found_across_chunks(monkeypatch, tmp_path)
     path.write_text("[" + ",\n".join(good) + "]")
     with pytest.raises(MixDataError, match=r"mid.json: malformed JSON in record #3 \(Expecting ':' delimiter"):
         formats.open_json_source(path)
+
+
+_turn = st.tuples(st.sampled_from(["system", "user", "assistant"]), st.text(max_size=30), st.integers(0, 3))
+_image = st.one_of(st.builds(lambda p: {"bytes": None, "path": p}, st.text(min_size=1, max_size=20)),
+                   st.builds(lambda b: {"bytes": b, "path": None}, st.binary(min_size=1, max_size=20)))
+_parts = st.builds(RowParts, st.text(max_size=10), st.sampled_from(["med", "mix665k"]), st.booleans(),
+                   st.lists(_turn, max_size=5), st.lists(_image, max_size=3))
+
+
+@given(rows=st.lists(_parts, min_size=1, max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_columnar_table_equals_the_row_by_row_conversion(rows):
+    expected = pa.Table.from_pylist([r.as_row() for r in rows], schema=FEATURES.arrow_schema)
+    table = rows_to_table(rows)
+    assert table.schema == expected.schema
+    assert table.equals(expected)
+    assert table.to_pylist() == [r.as_row() for r in rows]

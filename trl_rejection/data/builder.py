@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from .card import dataset_card
 from .formats import MixDataError, open_source
-from .mix import MixConfig, MixPlan, iter_rows, plan_mix
+from .mix import MixConfig, MixPlan, RowParts, iter_row_parts, plan_mix
 
 _BATCH_ROWS = 10_000
 CITATION = """@inproceedings{wang2025curated,
@@ -85,21 +85,54 @@ class RefusalMix(datasets.ArrowBasedBuilder):
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN)]
 
     def _generate_tables(self):
-        schema = self.info.features.arrow_schema
-        batch: list[dict[str, Any]] = []
+        batch: list[RowParts] = []
         # The plan holds ~1M long-lived objects for a mix665k build; freezing them keeps the cyclic GC from
         # rescanning them on every collection (measured: 58 s -> 36 s for 667k rows).
         gc.freeze()
         try:
-            for row in iter_rows(self.plan):
-                batch.append(row)
+            for parts in iter_row_parts(self.plan):
+                batch.append(parts)
                 if len(batch) == _BATCH_ROWS:
-                    yield len(batch), pa.Table.from_pylist(batch, schema=schema)
+                    yield len(batch), rows_to_table(batch)
                     batch = []
             if batch:
-                yield len(batch), pa.Table.from_pylist(batch, schema=schema)
+                yield len(batch), rows_to_table(batch)
         finally:
             gc.unfreeze()
+
+
+def rows_to_table(rows: list[RowParts]) -> pa.Table:
+    """Arrow table of `rows` with the schema of `FEATURES`, built from flat columns.
+
+    The same table as `pa.Table.from_pylist([r.as_row() for r in rows], schema=FEATURES.arrow_schema)`, without
+    building a dict per message and content part (that conversion took half of a mix665k-sized build).
+    """
+    roles, msg_offsets, part_types, part_texts, part_offsets, image_offsets, images = [], [0], [], [], [0], [0], []
+    for row in rows:
+        for role, text, n_images in row.turns:
+            roles.append(role)
+            if n_images:
+                part_types += ["image"] * n_images
+                part_texts += [None] * n_images
+            part_types.append("text")
+            part_texts.append(text)
+            part_offsets.append(len(part_types))
+        msg_offsets.append(len(roles))
+        images += row.images
+        image_offsets.append(len(images))
+    string, offsets = pa.string(), pa.int32()
+    parts = pa.StructArray.from_arrays([pa.array(part_types, string), pa.array(part_texts, string)], ["type", "text"])
+    messages = pa.StructArray.from_arrays(
+        [pa.array(roles, string), pa.ListArray.from_arrays(pa.array(part_offsets, offsets), parts)],
+        ["role", "content"])
+    image_structs = pa.StructArray.from_arrays(
+        [pa.array([im["bytes"] for im in images], pa.binary()), pa.array([im["path"] for im in images], string)],
+        ["bytes", "path"])
+    columns = [pa.array([r.id for r in rows], string), pa.array([r.source for r in rows], string),
+               pa.array([r.is_refusal for r in rows], pa.bool_()),
+               pa.ListArray.from_arrays(pa.array(msg_offsets, offsets), messages),
+               pa.ListArray.from_arrays(pa.array(image_offsets, offsets), image_structs)]
+    return pa.Table.from_arrays(columns, schema=FEATURES.arrow_schema)
 
 
 def _with_sample_defaults(cfg: MixConfig) -> MixConfig:

@@ -287,8 +287,10 @@ def open_json_source(path: str | os.PathLike, name: str | None = None, image_roo
         raws.append(raw)
     ids = _check_unique(ids, str(path), duplicate_ids)
 
+    decode = json.JSONDecoder().raw_decode  # each raw text is exactly one JSON value: skip json.loads' checks
+
     def load(i: int) -> Record:
-        rec = normalize_record(json.loads(raws[i]), str(path), i)
+        rec = normalize_record(decode(raws[i])[0], str(path), i)
         rec["id"] = ids[i]
         return rec
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator, Literal
 
 from .formats import MixDataError, Record, Source
@@ -96,7 +97,7 @@ class MixPlan:
     requested: tuple[int, int]
     notes: list[str]
 
-    @property
+    @cached_property
     def n_refusal(self) -> int:
         return sum(is_refusal for is_refusal, _ in self.order)
 
@@ -182,7 +183,23 @@ def _refusal_turns(rec: Record, cfg: MixConfig, rng: random.Random, sentence: st
     return [("user", turns[pick][1], len(rec["images"])), ("assistant", sentence, 0)]
 
 
-def _row(rec: Record, src: Source, is_refusal: bool, cfg: MixConfig, checked: dict[str, str]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RowParts:
+    """One output row before it is shaped: `turns` are `(role, text, n_images)`, `images` `datasets.Image` storage."""
+
+    id: str
+    source: str
+    is_refusal: bool
+    turns: list[tuple[str, str, int]]
+    images: list[dict[str, Any]]
+
+    def as_row(self) -> dict[str, Any]:
+        """The row in TRL's vision conversational format (`messages` with typed parts, `images`)."""
+        return {"id": self.id, "source": self.source, "is_refusal": self.is_refusal,
+                "messages": _messages(self.turns), "images": self.images}
+
+
+def _row_parts(rec: Record, src: Source, is_refusal: bool, cfg: MixConfig, checked: dict[str, str]) -> RowParts:
     rid = rec["id"]
     fld = "image" if len(rec["images"]) == 1 else "images"
     images = [_resolve_image(im, src, rid, fld, checked) for im in rec["images"]]
@@ -191,13 +208,18 @@ def _row(rec: Record, src: Source, is_refusal: bool, cfg: MixConfig, checked: di
         turns = _refusal_turns(rec, cfg, rng, rng.choice(cfg.refusal_sentences))
     else:
         turns = rec["turns"]
-    return {"id": rid, "source": src.name, "is_refusal": is_refusal, "messages": _messages(turns), "images": images}
+    return RowParts(rid, src.name, is_refusal, turns, images)
 
 
-def iter_rows(plan: MixPlan) -> Iterator[dict[str, Any]]:
-    """Yield output rows in mix order: TRL vision conversational `messages` + `images`, `is_refusal`, `source`, `id`."""
+def iter_row_parts(plan: MixPlan) -> Iterator[RowParts]:
+    """Yield the rows of the mix in mix order as `RowParts` (the builder turns them into Arrow columns directly)."""
     cfg = plan.config
     checked: dict[bool, dict[str, str]] = {True: {}, False: {}}  # image path -> resolved path, per source
     for is_refusal, index in plan.order:
         src = plan.refusal if is_refusal else plan.normal
-        yield _row(src.record(index), src, is_refusal, cfg, checked[is_refusal])
+        yield _row_parts(src.record(index), src, is_refusal, cfg, checked[is_refusal])
+
+
+def iter_rows(plan: MixPlan) -> Iterator[dict[str, Any]]:
+    """Yield output rows in mix order: TRL vision conversational `messages` + `images`, `is_refusal`, `source`, `id`."""
+    return (parts.as_row() for parts in iter_row_parts(plan))
