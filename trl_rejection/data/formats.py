@@ -45,7 +45,8 @@ class MixDataError(ValueError):
     def __init__(self, file: str, record_id: str | None, field: str | None, problem: str, fix: str):
         self.file, self.record_id, self.field = str(file), record_id, field
         where = [f"record {record_id!r}"] * (record_id is not None) + [f"field {field!r}"] * (field is not None)
-        super().__init__(f"{file}{': ' + ', '.join(where) if where else ''}: {problem}. Fix: {fix}.")
+        fix += "" if fix.endswith(".") else "."  # a fix may end in "..." or "e.g."
+        super().__init__(f"{file}{': ' + ', '.join(where) if where else ''}: {problem}. Fix: {fix}")
 
 
 class _Bad(Exception):
