@@ -128,3 +128,30 @@ def test_merge_adapter_saves_a_full_model(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(final)
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert "base_model: tiny-llava" in (final / "README.md").read_text()
+
+
+def test_paper_config_trains_a_model_loaded_from_a_local_directory(tmp_path):
+    """The real-model path (AutoProcessor + the trainer loading a model id), with the paper's LoRA and projector
+    settings from llava-1.5-7b.yaml, on a tiny LLaVA saved with `save_pretrained` (the Hub id replaced by a folder)."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from trl_rejection.tiny import make_model, make_processor
+
+    base = tmp_path / "tiny-llava-hf"
+    processor = make_processor("llava-1.5")
+    processor.save_pretrained(base)
+    make_model("llava-1.5", processor).save_pretrained(base)
+    launch(tmp_path, "--config", str(ROOT / "recipes" / "configs" / "llava-1.5-7b.yaml"),
+           "--model_name_or_path", str(base), "--output_dir", "paper", "--use_cpu", "true", "--bf16", "false",
+           "--dtype", "float32", "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0", "--save_strategy", "no", *SMALL)
+    final = tmp_path / "paper" / "final"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["r"] == 128 and adapter["lora_alpha"] == 256 and adapter["modules_to_save"] == ["multi_modal_projector"]
+    assert adapter["target_modules"].startswith(".*language_model.*")  # one regex: the LM's linears only
+    card = (final / "README.md").read_text()
+    assert f"base_model: {base}" in card and "| projector learning rate | 2e-05 |" in card
+    model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), final)
+    lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert lora and all(".language_model." in n for n in lora)  # the vision tower has no LoRA layers
