@@ -74,6 +74,16 @@ def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig):
     return model_args.model_name_or_path, processor
 
 
+def lora_config(model_args: ModelConfig):
+    """TRL's `get_peft_config`, except that a single regex in `lora_target_modules` is used as a regex (e.g. the
+    language model's linear layers only), not as a module name."""
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None and isinstance(peft_config.target_modules, (list, set)) \
+            and len(peft_config.target_modules) == 1 and ".*" in next(iter(peft_config.target_modules)):
+        peft_config.target_modules = next(iter(peft_config.target_modules))
+    return peft_config
+
+
 def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
     """The prepared dataset, or the mix built on the main process (others wait, then read it)."""
     import datasets
@@ -108,10 +118,7 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     training_args.push_to_hub = False  # push once at the end, with this project's model card
     model, processor = load_model(model_args, training_args)
     dataset, mix_location = load_mix(script_args, training_args)
-    peft_config = get_peft_config(model_args)
-    if peft_config is not None and isinstance(peft_config.target_modules, (list, set)) \
-            and len(peft_config.target_modules) == 1 and ".*" in next(iter(peft_config.target_modules)):
-        peft_config.target_modules = next(iter(peft_config.target_modules))  # one regex, e.g. the LM's linears only
+    peft_config = lora_config(model_args)
     trainer = RejectionSFTTrainer(model, args=training_args, train_dataset=dataset, processing_class=processor,
                                   peft_config=peft_config, quantization_config=get_quantization_config(model_args))
     output_dir = Path(training_args.output_dir)

@@ -155,3 +155,36 @@ def test_paper_config_trains_a_model_loaded_from_a_local_directory(tmp_path):
     model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base), final)
     lora = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     assert lora and all(".language_model." in n for n in lora)  # the vision tower has no LoRA layers
+
+
+@pytest.mark.parametrize("config,family", [("llava-1.5-7b", "llava-1.5"), ("llava-1.5-13b", "llava-1.5"),
+                                           ("llava-next", "llava-next"), ("qwen2.5-vl-7b", "qwen2.5-vl"),
+                                           ("smolvlm", "smolvlm")])
+def test_real_configs_put_lora_on_the_language_model_and_train_the_projector(config, family):
+    """Each shipped model config, applied to a tiny model of its family: a typo in a module name would otherwise
+    surface only on the user's GPU."""
+    import importlib.util
+
+    from peft import get_peft_model
+    from trl import ModelConfig, TrlParser
+
+    from trl_rejection import RejectionSFTConfig
+    from trl_rejection.tiny import make_model, make_processor
+
+    spec = importlib.util.spec_from_file_location("sft_rejection", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    parser = TrlParser((recipe.ScriptArguments, RejectionSFTConfig, ModelConfig))
+    yaml_path = str(ROOT / "recipes" / "configs" / f"{config}.yaml")
+    _, args, model_args = parser.parse_args_and_config(["--config", yaml_path, "--output_dir", "unused",
+                                                        "--bf16", "false", "--use_cpu", "true"])  # no GPU here
+    assert args.projector_lr == 2e-5 and args.learning_rate == 2e-4 and args.num_train_epochs == 3
+    model = get_peft_model(make_model(family, make_processor(family)), recipe.lora_config(model_args))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [n for n in trainable if "lora_" in n]
+    assert lora and all(("language_model" in n or "text_model" in n) and "vision" not in n and "visual" not in n
+                        for n in lora)
+    kinds = {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n in lora}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    projector = [n for n in trainable if "lora_" not in n]
+    assert projector and all(any(f in n for f in args.projector_modules) for n in projector)
