@@ -75,14 +75,19 @@ def test_varlen_attention_matches_per_sequence_sdpa_with_gqa():
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
-FAMILIES = ["llava-1.5", "llava-next", "idefics3", "llama3-text"]
+FAMILIES = ["llava-1.5", "llava-next", "idefics3", "qwen2-vl", "qwen2.5-vl", "llama3-text"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padding_free_loss_and_grads_equal_padded(family):
-    """fp32, CPU: the packed batch gives the padded batch's loss and gradients (SDPA vs sdpa_varlen, and eager)."""
+    """fp32, CPU: the packed batch gives the padded batch's loss and gradients (SDPA vs sdpa_varlen, and eager).
+
+    Qwen2-VL-family rows get their 3-D RoPE positions per row (`mrope_packed_inputs`); one row has no image. Packed
+    with 1-D positions only, their gradients differ by ~2.5e-4 relative, 25x the tolerance."""
     proc = make_processor(family)
     data = rows(5, images=family != "llama3-text")
+    if family.startswith("qwen"):
+        data[1]["images"], data[1]["messages"][0]["content"] = [], data[1]["messages"][0]["content"][1:]
     padded = RejectionDataCollator(proc)(data)
     packed = RejectionDataCollator(proc, padding_free=True)(data)
     assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
@@ -93,6 +98,9 @@ def test_padding_free_loss_and_grads_equal_padded(family):
         batching.register_varlen_attention()
         model.set_attn_implementation(attn) if attn == "eager" else batching.use_varlen_attention(model)
         batch = {k: v for k, v in batch.items() if k != "is_refusal"}
+        if "cu_seq_lens_q" in batch:
+            batch = batching.mrope_packed_inputs(batching.rope_index_module(model), batch)
+            assert batch["position_ids"].shape[0] == (4 if family.startswith("qwen") else 1)
         loss = model(**batch, use_cache=False).loss  # a cache would turn off transformers' packed-mask path
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -105,20 +113,31 @@ def test_padding_free_loss_and_grads_equal_padded(family):
         assert float((grad - ref_grad).norm() / ref_grad.norm()) < 1e-5, attn
 
 
-def test_trainer_padding_free_step_equals_padded_step(tmp_path):
-    proc = make_processor("llava-1.5")
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl"])
+def test_trainer_padding_free_step_equals_padded_step(tmp_path, family, monkeypatch):
+    proc = make_processor(family)
     data = datasets.Dataset.from_list(rows(8))
     logs = {}
+    position_rows = []
+    real = batching.mrope_packed_inputs
+
+    def spy(module, inputs):
+        out = real(module, inputs)
+        position_rows.append(out["position_ids"].shape[0])
+        return out
+
+    monkeypatch.setattr(batching, "mrope_packed_inputs", spy)
     for free in (True, False):
         args = RejectionSFTConfig(str(tmp_path / str(free)), use_cpu=True, report_to="none", save_strategy="no",
                                   logging_steps=1, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
                                   warmup_steps=0, seed=0, dataloader_num_workers=0, padding_free=free)
-        trainer = RejectionSFTTrainer(make_model("llava-1.5", proc).float(), args=args, train_dataset=data,
+        trainer = RejectionSFTTrainer(make_model(family, proc).float(), args=args, train_dataset=data,
                                       processing_class=proc)
         assert trainer.padding_free is free and trainer.data_collator.padding_free is free
         assert (trainer.model.config.get_text_config()._attn_implementation == "sdpa_varlen") is free
         trainer.train()
         logs[free] = [h for h in trainer.state.log_history if "loss" in h]
+    assert position_rows == [4 if family == "qwen2-vl" else 1] * 2  # the packed steps got 3-D RoPE positions
     assert any("loss_refusal" in h for h in logs[True])
     for a, b in zip(logs[True], logs[False]):  # bf16 autocast on CPU: same tokens, same order, same values
         assert a.keys() == b.keys()
@@ -127,10 +146,10 @@ def test_trainer_padding_free_step_equals_padded_step(tmp_path):
         assert a["refusal_tokens"] == b["refusal_tokens"] and a["normal_tokens"] == b["normal_tokens"]
 
 
-def test_models_with_multimodal_rope_fall_back_to_padded_batches(tmp_path):
-    proc = make_processor("qwen2-vl")
+def test_models_with_token_type_masks_fall_back_to_padded_batches(tmp_path):
+    proc = make_processor("gemma3")
     args = RejectionSFTConfig(str(tmp_path), use_cpu=True, report_to="none", max_steps=1, dataloader_num_workers=0)
-    trainer = RejectionSFTTrainer(make_model("qwen2-vl", proc), args=args, train_dataset=datasets.Dataset.from_list(
+    trainer = RejectionSFTTrainer(make_model("gemma3", proc), args=args, train_dataset=datasets.Dataset.from_list(
         rows(4)), processing_class=proc)
     assert args.padding_free and not trainer.padding_free and not trainer.data_collator.padding_free
 

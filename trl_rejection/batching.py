@@ -38,8 +38,11 @@ PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
 
 # Models whose positions are not 1-D (multimodal RoPE) or whose mask depends on token types (bidirectional image
 # blocks): concatenating rows with restarting 1-D position_ids would change what they compute.
-_NOT_PACKABLE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3", "gemma3n",
-                 "paligemma", "mllama", "qwen2_5_omni", "qwen3_omni_moe", "kimi_vl")
+_NOT_PACKABLE = ("qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3", "gemma3n", "paligemma", "mllama",
+                 "qwen2_5_omni", "qwen3_omni_moe", "kimi_vl")
+# Multimodal-RoPE models packed with per-row 3-D positions (`mrope_packed_inputs`): their text model reads
+# `[4, 1, tokens]` position ids, text positions first.
+_MROPE_PACKABLE = ("qwen2_vl", "qwen2_5_vl")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -54,9 +57,41 @@ def padding_free_supported(config: Any) -> tuple[bool, str]:
     if types & set(_NOT_PACKABLE):
         return False, f"model type {sorted(t for t in types if t)} uses multimodal RoPE or a token-type mask"
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "mrope"):
+    if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "mrope") \
+            and not types & set(_MROPE_PACKABLE):
         return False, "the model uses multimodal RoPE (3-D position ids)"
     return True, ""
+
+
+def rope_index_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The sub-module computing a Qwen2-VL-family model's 3-D RoPE positions (`get_rope_index`); None for others."""
+    return next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+
+
+def mrope_packed_inputs(rope_module: torch.nn.Module | None, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Give a packed batch of a Qwen2-VL-family model its `[4, 1, tokens]` position ids.
+
+    Row 0 holds the packed text positions (restarting per row; the model keeps rows apart with them), rows 1-3 the
+    temporal/height/width positions of multimodal RoPE, computed over the packed sequence and shifted so each row
+    starts at 0: exactly the positions the model computes for that row in a padded batch. Inputs of other models,
+    padded batches and batches without images are returned unchanged.
+
+    Example:
+        >>> batch = mrope_packed_inputs(rope_index_module(model), collator(rows))  # doctest: +SKIP
+        >>> batch["position_ids"].shape  # doctest: +SKIP
+        torch.Size([4, 1, 391])
+    """
+    position_ids, cu = inputs.get("position_ids"), inputs.get("cu_seq_lens_q")
+    grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+             if inputs.get(k) is not None}
+    if rope_module is None or cu is None or position_ids is None or position_ids.dim() != 2 or not grids:
+        return inputs
+    positions, _ = rope_module.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              **grids)  # (3, 1, tokens): the packed rows as one sequence
+    rows = token_row_index(inputs, inputs["input_ids"].shape)[0].to(positions.device)
+    starts = cu[:-1].to(device=positions.device, dtype=torch.long)
+    positions = positions - positions[:, :, starts][:, :, rows]  # RoPE is relative: each row back to 0
+    return {**inputs, "position_ids": torch.cat([position_ids.to(positions.device)[None], positions], 0)}
 
 
 def pack_padded_batch(batch: dict[str, Any], pad_token_id: int,

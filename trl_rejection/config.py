@@ -45,9 +45,9 @@ class RejectionSFTConfig(SFTConfig):
             works for vision-language models and with SDPA: the trainer switches the language model's attention
             from `"sdpa"` to `"sdpa_varlen"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA call
             per row elsewhere), so rows never attend to each other and the loss is the padded batch's (within bf16
-            noise on the GPU, 1e-5 in fp32). Models with multimodal RoPE or token-type masks (Qwen2-VL family,
-            Gemma 3, ...) fall back to padded batches. Measured: padded batches 4,824 tokens/s (-40%), peak memory
-            34.0 vs 24.8 GiB.
+            noise on the GPU, 1e-5 in fp32). Qwen2-VL and Qwen2.5-VL rows get their own 3-D RoPE positions; models
+            with token-type masks (Gemma 3) or other multimodal RoPE (Qwen3-VL, ...) fall back to padded batches.
+            Measured: padded batches 4,824 tokens/s (-40%), peak memory 34.0 vs 24.8 GiB.
         train_sampling_strategy (`str`, defaults to `"random"`):
             `"group_by_length"` groups rows of similar estimated length (text characters / 4 + tokens per image; or
             the `length` column if the dataset has one) into batches, image rows and text-only rows apart, like

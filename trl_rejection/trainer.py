@@ -135,6 +135,7 @@ class RejectionSFTTrainer(SFTTrainer):
             return False
         batching.use_varlen_attention(self.model)
         self.data_collator.padding_free = True
+        self._rope_module = batching.rope_index_module(self.model)
         return True
 
     def _lora_input_cast_context(self):
@@ -177,6 +178,8 @@ class RejectionSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         is_refusal = inputs.pop("is_refusal", None)
+        if self.padding_free:
+            inputs = batching.mrope_packed_inputs(self._rope_module, inputs)
         captured: dict[str, Any] = {}
 
         def keep_output(module, args, kwargs, output):
