@@ -31,7 +31,9 @@ Variants (VARIANTS, comma-separated):
     collate        no model: collator samples/s in this process (one worker), ours vs stock
 
 Environment knobs: BS (16), STEPS (14, of which WARM=3 untimed), WORKERS (8), LORA_DROPOUT (0.05), VARIANTS,
-SMALL=1 (tiny model on CPU: a dry run of the harness), OUT (folder for results, default /tmp), ROWS_SEED (0).
+SMALL=1 (tiny model on CPU: a dry run of the harness), OUT (folder for results, default /tmp), ROWS_SEED (0),
+MODEL ("llava-1.5"; "qwen2.5-vl": Qwen2.5-VL-7B's shape, images at up to 640x640 px, 28 px merged patches, the
+projector `merger` trained, model TFLOP/s counted with 7.07e9 language-model parameters).
 
 Example:
     BS=16 STEPS=14 VARIANTS=check,stock,ours,ours_nofuse,ours_nofuse_padded python bench/bench_train.py
@@ -67,7 +69,9 @@ WORKERS = int(os.environ.get("WORKERS", "8"))
 LORA_DROPOUT = float(os.environ.get("LORA_DROPOUT", "0.05"))
 VARIANTS = os.environ.get("VARIANTS", "check,stock,ours").split(",")
 OUT = os.environ.get("OUT", "/tmp")
-N_LM = 6.74e9  # Llama-2-7B parameters
+MODEL = os.environ.get("MODEL", "llava-1.5")  # or "qwen2.5-vl": Qwen2.5-VL-7B's shape
+N_LM = {"llava-1.5": 6.74e9, "qwen2.5-vl": 7.07e9}[MODEL]  # language-model parameters (Llama-2-7B / Qwen2-7B)
+PROJECTOR = {"llava-1.5": "multi_modal_projector", "qwen2.5-vl": "merger"}[MODEL]
 CUDA = torch.cuda.is_available() and not SMALL
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -81,6 +85,12 @@ def log(**record):
 
 def processor():
     from trl_rejection.tiny import chat_template, make_processor
+
+    if MODEL == "qwen2.5-vl":  # the tiny processor with Qwen's image processing: 28 px merged patches, <= 640x640 px
+        proc = make_processor(MODEL)
+        image_class = getattr(transformers, "Qwen2VLImageProcessor" if CUDA else "Qwen2VLImageProcessorPil")
+        proc.image_processor = image_class(size={"shortest_edge": 56 * 56, "longest_edge": 640 * 640})
+        return proc
 
     tok = make_processor("llava-1.5").tokenizer  # Llama-2-style tokenizer, llava-hf special tokens, offline
     ip = transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
@@ -119,9 +129,8 @@ def build_rows(proc, n: int, seed: int = 0):
     return datasets.Dataset.from_list(rows)
 
 
-def build_model(proc):
-    tok = proc.tokenizer
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+def llava_config(proc, ids: dict) -> transformers.LlavaConfig:
+    """LLaVA-1.5-7B's shape (or a tiny one with SMALL=1)."""
     if SMALL:
         vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=2, image_size=336, patch_size=14)
@@ -134,16 +143,43 @@ def build_model(proc):
         text = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
                                         max_position_embeddings=4096, **ids)
-    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=proc.image_token_id,
-                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                   projector_hidden_act="gelu", attn_implementation="sdpa")
+    return transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=proc.image_token_id,
+                                    vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                    projector_hidden_act="gelu", attn_implementation="sdpa")
+
+
+def build_model(proc):
+    """The benchmark's model (`MODEL`) with random weights, in bf16 on the GPU."""
+    tok = proc.tokenizer
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if MODEL == "qwen2.5-vl":
+        if SMALL:
+            text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "mrope_section": [2, 3, 3]})
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                          fullatt_block_indexes=[1])
+        else:  # Qwen2.5-VL-7B-Instruct's config
+            text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+            vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                          fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
+        cfg = transformers.Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=152064, **text, **ids), vision_config=vision,
+            image_token_id=proc.image_token_id, video_token_id=proc.video_token_id,
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), attn_implementation="sdpa")
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        model_class, cfg = transformers.LlavaForConditionalGeneration, llava_config(proc, ids)
     torch.manual_seed(0)
     if not CUDA:
-        return transformers.LlavaForConditionalGeneration(cfg)
+        return model_class(cfg)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            return transformers.LlavaForConditionalGeneration(cfg)
+            return model_class(cfg)
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -167,7 +203,8 @@ class Meter(transformers.TrainerCallback):
             real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.shape[1]
             self.real.append(real)
             self.padded.append(ids.numel())
-            self.rows.append(int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else ids.shape[0])
+            cu = inputs.get("cu_seq_lens_q")
+            self.rows.append(cu.numel() - 1 if cu is not None else ids.shape[0])
             return inner(model, inputs, *a, **k)
 
         trainer.compute_loss = compute_loss
@@ -202,7 +239,7 @@ def train_variant(name: str, proc, ds):
     if "loop" in flags:
         os.environ["TRL_REJECTION_VARLEN"] = "loop"
     peft = LoraConfig(r=128, lora_alpha=256, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
-                      modules_to_save=["multi_modal_projector"])
+                      modules_to_save=[PROJECTOR])
     meter = Meter()
     model = build_model(proc)
     with tempfile.TemporaryDirectory() as d:
@@ -262,6 +299,7 @@ def check_equivalence(proc, ds, n: int = 8):
         if varlen:
             os.environ["TRL_REJECTION_VARLEN"] = varlen
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = batching.mrope_packed_inputs(batching.rope_index_module(model), batch)  # Qwen: per-row 3-D RoPE
         if not bf16:
             batch["pixel_values"] = batch["pixel_values"].float()
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
