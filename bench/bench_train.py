@@ -396,16 +396,16 @@ def main():
         info["torch_varlen_attn"] = True
     except ImportError:
         info["torch_varlen_attn"] = False
-    if len(VARIANTS) > 1 and not os.environ.get("BENCH_CHILD"):
+    child = bool(os.environ.get("BENCH_CHILD"))  # a variant run by `run_isolated`: the parent logged the info
+    if not child:
         log(**info)
-        run_isolated(VARIANTS)
-        return
-    if not os.environ.get("BENCH_CHILD"):
-        log(**info)
+        if len(VARIANTS) > 1:
+            run_isolated(VARIANTS)
+            return
     proc = processor()
     t0 = time.perf_counter()
     ds = build_rows(proc, BS * STEPS, seed=int(os.environ.get("ROWS_SEED", "0")))
-    if not os.environ.get("BENCH_CHILD"):
+    if not child:
         log(variant="data", rows=len(ds), build_s=time.perf_counter() - t0)
     name = VARIANTS[0]
     if name == "check":

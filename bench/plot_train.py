@@ -49,7 +49,8 @@ def main() -> None:
     ax.barh(range(len(names)), medians, color=colors)
     for i, n in enumerate(names):
         ax.plot([r["real_tok_s"] for r in runs[n]], [i] * len(runs[n]), "k.", markersize=4)
-        ax.text(max(r["real_tok_s"] for r in runs[n]) + 150, i, f"{medians[i]:,.0f}  ({max(r['peak_gib'] for r in runs[n]):.1f} GiB)",
+        peak = max(r["peak_gib"] for r in runs[n])
+        ax.text(max(r["real_tok_s"] for r in runs[n]) + 150, i, f"{medians[i]:,.0f}  ({peak:.1f} GiB)",
                 va="center", fontsize=8)
     ax.set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
     ax.set_xlabel("real (non-padding) tokens/s, batch 16 (median; dots: each run)")

@@ -148,7 +148,8 @@ def test_paper_config_trains_a_model_loaded_from_a_local_directory(tmp_path):
            "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0", "--save_strategy", "no", *SMALL)
     final = tmp_path / "paper" / "final"
     adapter = json.loads((final / "adapter_config.json").read_text())
-    assert adapter["r"] == 128 and adapter["lora_alpha"] == 256 and adapter["modules_to_save"] == ["multi_modal_projector"]
+    assert adapter["r"] == 128 and adapter["lora_alpha"] == 256
+    assert adapter["modules_to_save"] == ["multi_modal_projector"]
     assert adapter["target_modules"].startswith(".*language_model.*")  # one regex: the LM's linears only
     card = (final / "README.md").read_text()
     assert f"base_model: {base}" in card and "| projector learning rate | 2e-05 |" in card

@@ -81,10 +81,12 @@ def mrope_packed_inputs(rope_module: torch.nn.Module | None, inputs: dict[str, A
         >>> batch["position_ids"].shape  # doctest: +SKIP
         torch.Size([4, 1, 391])
     """
+    if rope_module is None:  # every model but the Qwen2-VL family: nothing to do on this per-step path
+        return inputs
     position_ids, cu = inputs.get("position_ids"), inputs.get("cu_seq_lens_q")
     grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
              if inputs.get(k) is not None}
-    if rope_module is None or cu is None or position_ids is None or position_ids.dim() != 2 or not grids:
+    if cu is None or position_ids is None or position_ids.dim() != 2 or not grids:
         return inputs
     positions, _ = rope_module.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                               **grids)  # (3, 1, tokens): the packed rows as one sequence
