@@ -75,6 +75,54 @@ def test_varlen_attention_matches_per_sequence_sdpa_with_gqa():
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
+def _fake_flash_kernel(calls):
+    """Stands in for torch's varlen flash kernel on CPU: refuses fp32 as the real one does, else per-row SDPA."""
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None):
+        if q.dtype not in (torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        calls.append(q.dtype)
+        with torch.autocast("cpu", enabled=False):
+            out = [torch.nn.functional.scaled_dot_product_attention(
+                *(t[s:e].transpose(0, 1).float() for t in (q, k, v)), is_causal=is_causal, scale=scale)
+                for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out, 1).transpose(0, 1).to(q.dtype)
+
+    return varlen_attn
+
+
+def test_flash_varlen_casts_fp32_query_and_key_to_the_autocast_dtype(monkeypatch):
+    """fp32 weights under bf16 autocast: RoPE leaves q and k in fp32 (fp32 cos/sin), v comes out of an autocast
+    linear in bf16. The flash kernel takes fp16/bf16 only, so all three must go to it in bf16 (as SDPA does under
+    autocast); with no autocast and everything in fp32 the per-row SDPA fallback runs instead."""
+    calls = []
+    monkeypatch.setattr(batching, "_VARLEN_ATTN", _fake_flash_kernel(calls))
+    monkeypatch.setattr(batching, "_VARLEN_PARAMS", {"is_causal": None, "scale": None})
+    monkeypatch.setenv("TRL_REJECTION_VARLEN", "flash")
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    lens = [6, 2, 9]
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(1, 2, sum(lens), 8) for _ in range(3))
+    ref, _ = batching.varlen_sdpa_attention_forward(module, q.double(), k.double(), v.double(), None,
+                                                    cu_seq_lens_q=cu, max_length_q=9)
+    assert calls == []  # float64 without autocast: no half dtype to run the kernel in -> per-row SDPA
+    assert batching.flash_input_dtype(q, k, v) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert batching.flash_input_dtype(q, k, v.bfloat16()) == torch.bfloat16
+        out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v.bfloat16(), None, cu_seq_lens_q=cu,
+                                                        max_length_q=9)
+    assert calls == [torch.bfloat16] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-2)  # bf16 inputs: ~3 significant digits
+    out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v.half(), None, cu_seq_lens_q=cu, max_length_q=9)
+    assert calls[-1] == torch.float16 and out.dtype == torch.float32  # no autocast: the half tensor decides
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-3)
+    out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=9)
+    assert len(calls) == 2 and out.dtype == torch.float32  # all fp32, no autocast: fallback, exact
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+
+
 FAMILIES = ["llava-1.5", "llava-next", "idefics3", "qwen2-vl", "qwen2.5-vl", "llama3-text"]
 
 

@@ -187,7 +187,29 @@ def _boundaries(cu: torch.Tensor) -> list[int]:
     return _CU_CACHE["value"]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def flash_input_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype in which q, k, v go to the flash kernel (it takes fp16/bf16 only); None: none fits.
+
+    Under autocast, that is the autocast dtype: fp32 weights make fp32 hidden states, and RoPE multiplies q and k by
+    fp32 cos/sin, so q and k reach attention in fp32 while v (a plain projection) is already bf16 - SDPA is autocast
+    to bf16 there, and so is the flash kernel here. Without autocast, a tensor already in half precision sets it
+    (all three in one half dtype: no cast). All in fp32 without autocast: None (fp32 needs the SDPA fallback).
+    """
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype in _HALF:
+            return dtype
+    return next((t.dtype for t in (query, key, value) if t.dtype in _HALF), None)
+
+
 def _flash_varlen(query, key, value, cu, max_len, scaling):
+    dtype = flash_input_dtype(query, key, value)
+    out_dtype = query.dtype
+    query, key, value = (t.to(dtype) for t in (query, key, value))
     kwargs: dict[str, Any] = {}
     if "is_causal" in _VARLEN_PARAMS:
         kwargs["is_causal"] = True
@@ -201,7 +223,8 @@ def _flash_varlen(query, key, value, cu, max_len, scaling):
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, head_dim)
     cu = cu.to(device=q.device, dtype=torch.int32)
     out = _VARLEN_ATTN(q, k, v, cu, cu, max_len, max_len, **kwargs)
-    return out[None]  # (1, tokens, heads, head_dim)
+    # SDPA under autocast returns the autocast dtype; without autocast, keep the query's dtype for what follows
+    return out[None] if torch.is_autocast_enabled(out.device.type) else out[None].to(out_dtype)
 
 
 def _loop_varlen(query, key, value, cu, scaling):
@@ -236,7 +259,7 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if varlen_backend(query.device) == "flash":
+    if varlen_backend(query.device) == "flash" and flash_input_dtype(query, key, value) is not None:
         max_len = kwargs.get("max_length_q") or int(cu.diff().max())
         return _flash_varlen(query, key, value, cu, int(max_len), scaling), None
     return _loop_varlen(query, key, value, cu, scaling), None
