@@ -116,6 +116,34 @@ def test_split_loss_and_token_counts_are_logged(tmp_path):
     assert mean == pytest.approx(logged["loss"], rel=1e-3)
 
 
+def test_split_losses_do_not_depend_on_how_the_global_batch_is_split(tmp_path):
+    """8 rows as one batch or as 2 accumulated batches of 4: the same loss and split losses (pooled over every
+    labelled token of the step, as on N processes), not the mean of per-micro-batch means."""
+    proc = make_processor("llava-1.5")
+    data = mix(n_normal=5, n_refusal=3)
+    logged = []
+    for bs, accumulation in ((8, 1), (4, 2)):
+        args = config(tmp_path / str(bs), max_steps=1, per_device_train_batch_size=bs,
+                      gradient_accumulation_steps=accumulation, learning_rate=0.0)
+        trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=data,
+                                      processing_class=proc)
+        trainer.train()
+        logged.append(trainer.state.log_history[0])
+    one, two = logged
+    for key in ("loss", "loss_refusal", "loss_normal"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    assert two["refusal_tokens"] * 2 == one["refusal_tokens"]  # token counts stay per micro-batch
+
+
+def test_fsdp_wraps_the_blocks_each_model_has():
+    from trl_rejection.trainer import fsdp_layer_classes
+
+    llava = fsdp_layer_classes(make_model("llava-1.5", make_processor("llava-1.5")))
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(llava) and "CLIPTextEmbeddings" not in llava
+    qwen = fsdp_layer_classes(make_model("qwen2-vl", make_processor("qwen2-vl")))
+    assert "Qwen2VLDecoderLayer" in qwen and "LlamaDecoderLayer" not in qwen
+
+
 def test_projector_gets_its_own_learning_rate(tmp_path):
     proc = make_processor("llava-1.5")
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])

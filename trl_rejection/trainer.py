@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -62,6 +63,18 @@ def _drop_empty_images(ds: Any, name: str) -> Any:
                              "vision-language model (its processing class is a tokenizer). Fix: use a VLM and its "
                              "processor, or filter out image rows.")
     return ds.remove_columns("images")
+
+
+def fsdp_layer_classes(model: torch.nn.Module) -> list[str]:
+    """The block classes FSDP shards one by one for this model: every `_no_split_modules` entry of the model and of
+    its sub-models that occurs in it, e.g. `CLIPEncoderLayer`, `CLIPVisionEmbeddings` and `LlamaDecoderLayer` for
+    LLaVA-1.5, `Qwen2_5_VLDecoderLayer` and `Qwen2_5_VLVisionBlock` for Qwen2.5-VL. (A composite model's own list
+    also names parts it does not hold, such as LLaVA's `CLIPTextEmbeddings`, which accelerate then cannot find.)"""
+    present = {type(m).__name__ for m in model.modules()}
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return sorted(n for n in names if n in present)
 
 
 class RejectionSFTTrainer(SFTTrainer):
@@ -119,10 +132,59 @@ class RejectionSFTTrainer(SFTTrainer):
                              eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         finally:
             args.padding_free = padding_free
+        self._split_sums: dict[str, list[float]] = {}
         self.padding_free = padding_free and self._setup_padding_free()
+        self._setup_fsdp_wrapping()
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             batching.fuse_elementwise_ops(self.model)
+
+    def _setup_fsdp_wrapping(self) -> None:
+        """Under FSDP, shard this model's blocks one by one: the accelerate config's
+        `fsdp_transformer_layer_cls_to_wrap` if it names classes of this model, else `fsdp_layer_classes(model)`."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None:
+            return
+        present = {type(m).__name__ for m in self.model.modules()}
+        names = plugin.transformer_cls_names_to_wrap
+        if isinstance(names, str):
+            names = [n for n in names.split(",") if n]
+        if names:
+            missing = [n for n in names if n not in present]
+            if missing:
+                raise ValueError(
+                    f"fsdp_transformer_layer_cls_to_wrap names {missing}, which this model "
+                    f"({type(self.accelerator.unwrap_model(self.model)).__name__}) does not have; its blocks are "
+                    f"{fsdp_layer_classes(self.model)}. Fix: drop the key from the accelerate config (the trainer "
+                    "then wraps this model's own blocks), or name classes of this model.")
+        else:
+            names = fsdp_layer_classes(self.model)
+        plugin.transformer_cls_names_to_wrap = list(names)
+        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(names)  # what PEFT's FSDP1 wrap policy reads
+        logger.info("FSDP wraps %s", names)
+
+    def train(self, *args, **kwargs):
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+            return super().train(*args, **kwargs)
+        # With a PEFT model, transformers swaps the FSDP wrap policy for PEFT's (an `_or_policy` of a lambda and a
+        # block policy), which accelerate's FSDP2 path does not recognise: it then shards only the root module, the
+        # whole model as one unit. FSDP2 shards per parameter, so the LoRA layers need no units of their own: keep
+        # the block policy, and whatever else PEFT's update sets (QLoRA's storage dtype).
+        import transformers.trainer as hf_trainer
+
+        original = hf_trainer.update_fsdp_plugin_peft
+
+        def keep_block_policy(model, accelerator):
+            policy = accelerator.state.fsdp_plugin.auto_wrap_policy
+            original(model, accelerator)
+            accelerator.state.fsdp_plugin.auto_wrap_policy = policy
+
+        hf_trainer.update_fsdp_plugin_peft = keep_block_policy
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            hf_trainer.update_fsdp_plugin_peft = original
 
     def _setup_padding_free(self) -> bool:
         """Turn on our collator's padding-free batches if the model can keep packed rows apart."""
@@ -219,10 +281,23 @@ class RejectionSFTTrainer(SFTTrainer):
         ref_nll, ref_n, norm_nll, norm_n = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
         self._metrics[mode]["refusal_tokens"].append(ref_n)
         self._metrics[mode]["normal_tokens"].append(norm_n)
-        if ref_n:
-            self._metrics[mode]["loss_refusal"].append(ref_nll / ref_n)
-        if norm_n:
-            self._metrics[mode]["loss_normal"].append(norm_nll / norm_n)
+        # Pooled over every token since the last log (all processes, all accumulation steps): the same number
+        # however a global batch is split across processes and micro-batches, as the loss itself is.
+        sums = self._split_sums.setdefault(mode, [0.0, 0.0, 0.0, 0.0])
+        for i, x in enumerate((ref_nll, ref_n, norm_nll, norm_n)):
+            sums[i] += x
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums = getattr(self, "_split_sums", {}).pop(mode, None)
+        if sums is not None:
+            prefix = "eval_" if mode == "eval" else ""
+            ref_nll, ref_n, norm_nll, norm_n = sums
+            if ref_n:
+                logs[f"{prefix}loss_refusal"] = ref_nll / ref_n
+            if norm_n:
+                logs[f"{prefix}loss_normal"] = norm_nll / norm_n
+        super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
