@@ -8,6 +8,7 @@ from typing import Any, Literal
 from trl import SFTConfig
 
 from .data.mix import DEFAULT_REFUSAL
+from .validation import check_dataclass, check_range, non_empty_strings, non_negative, positive
 
 PROJECTOR_MODULES = ["multi_modal_projector", "mm_projector", "connector", "visual.merger"]
 
@@ -110,3 +111,21 @@ class RejectionSFTConfig(SFTConfig):
         "help": "Dataloader worker processes collating batches (image processing) while the GPU trains."})
     dataset_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"skip_prepare_dataset": True},
                                                         metadata={"help": "Kept: the collator renders rows."})
+
+    def __post_init__(self) -> None:
+        """Check this class's own fields (types and ranges) before `SFTConfig`'s own post-init runs."""
+        check_dataclass(self)
+        check_range(self, "refusal_sentences", lambda v: v and non_empty_strings(v), "a non-empty list of non-blank "
+                    "sentences", f"give at least one sentence, e.g. refusal_sentences: [{DEFAULT_REFUSAL!r}]")
+        check_range(self, "projector_modules", non_empty_strings, "a list of non-blank name fragments (a blank one "
+                    "matches every parameter)", "remove the blank entries")
+        check_range(self, "refusal_label_tokens", positive, "a number of tokens >= 1",
+                    "give a positive number, or null (None) to supervise the whole refusal")
+        check_range(self, "max_length", positive, "a number of tokens >= 1", "give a positive number, e.g. 2048")
+        check_range(self, "projector_lr", positive, "a finite learning rate > 0",
+                    "give e.g. 2.0e-5 (the paper), or null (None) to use learning_rate")
+        check_range(self, "learning_rate", non_negative, "a finite learning rate >= 0", "give e.g. 2.0e-4")
+        check_range(self, "warmup_steps", non_negative, "a step count or fraction >= 0", "give e.g. 0.03")
+        check_range(self, "num_train_epochs", non_negative, "a number of epochs >= 0", "give e.g. 3")
+        check_range(self, "dataloader_num_workers", lambda v: v >= 0, "a number of processes >= 0", "give e.g. 4")
+        super().__post_init__()
