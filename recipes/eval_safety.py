@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import TrlParser
-
+from trl_rejection.errors import user_errors
 from trl_rejection.eval.benchmarks import load_benchmark
 from trl_rejection.eval.generate import generate, load_model_and_processor
 from trl_rejection.eval.report import compare_runs, markdown_table, report_run
+from trl_rejection.parsing import StrictTrlParser
 
 
 @dataclass
@@ -110,5 +110,6 @@ def main(args: EvalSafetyArguments) -> None:
 
 
 if __name__ == "__main__":
-    (script_args,) = TrlParser(EvalSafetyArguments).parse_args_and_config()
-    main(script_args)
+    with user_errors():
+        (script_args,) = StrictTrlParser(EvalSafetyArguments).parse_args_and_config()
+        main(script_args)

@@ -17,11 +17,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
 from trl_rejection.data import MixConfig, build_mix
+from trl_rejection.errors import user_errors
 from trl_rejection.hub import check_extras, model_card, push_dataset, push_model
+from trl_rejection.parsing import StrictTrlParser
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 TINY = "tiny-llava"
@@ -165,6 +167,7 @@ def summary(trainer, final: Path, mix_location: str, results: str | None, tiny: 
 
 
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, RejectionSFTConfig, ModelConfig))
+    parser = StrictTrlParser((ScriptArguments, RejectionSFTConfig, ModelConfig), nested={"mix": MixConfig})
     argv = sys.argv[1:] if "--config" in sys.argv else ["--config", str(DEFAULT_CONFIG), *sys.argv[1:]]
-    main(*parser.parse_args_and_config(argv))
+    with user_errors():
+        main(*parser.parse_args_and_config(argv))

@@ -19,6 +19,7 @@ from trl_rejection.data import (DEFAULT_REFUSAL, MixConfig, MixDataError, Refusa
                                 plan_mix, write_sample_data)
 from trl_rejection.data.builder import FEATURES, rows_to_table
 from trl_rejection.data.mix import RowParts
+from trl_rejection.errors import UserError
 
 
 def _llava(i: int, prefix: str, turns: int = 2, image: bool = True) -> dict:
@@ -132,7 +133,7 @@ def test_total_and_fraction(sources):
 @given(fraction=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0)).filter(lambda f: f == f))
 def test_fraction_outside_open_interval_is_refused(fraction, sources):
     med, gen = sources
-    with pytest.raises(MixDataError, match=r"refusal_fraction.*outside \(0, 1\)"):
+    with pytest.raises(UserError, match=r"refusal_fraction.*outside \(0, 1\)"):
         MixConfig(str(med), str(gen), total=10, refusal_fraction=fraction).counts()
 
 

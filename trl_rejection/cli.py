@@ -33,11 +33,10 @@ class MixScriptArguments(MixConfig):
 def _mix(argv: list[str]) -> None:
     from dataclasses import fields
 
-    from trl import TrlParser
-
     from .data.builder import build_mix
+    from .parsing import StrictTrlParser
 
-    (args,) = TrlParser((MixScriptArguments,)).parse_args_and_config(argv)
+    (args,) = StrictTrlParser((MixScriptArguments,)).parse_args_and_config(argv)
     sample = not (args.refusal_source and args.normal_source)
     if sample and args.n_refusal is None and args.n_normal is None and args.total is None:
         args.n_refusal, args.n_normal = 20, 50

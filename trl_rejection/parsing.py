@@ -48,21 +48,35 @@ class StrictTrlParser(TrlParser):
         kwargs.setdefault("allow_abbrev", False)  # `--learn 1e-4` must not silently mean --learning_rate
         super().__init__(dataclass_types, **kwargs)
         self.nested = nested or {}
-        self.fields = {f.name: (cls, type_hints(cls)[f.name], f.name in own_fields(cls))
-                       for cls in self.dataclass_types for f in dataclasses.fields(cls) if f.init}
+        self.fields: dict[str, tuple[Any, bool]] = {}  # option -> (type hint, declared by this project)
+        for cls in self.dataclass_types:
+            ours = set(own_fields(cls))
+            self.fields.update({f.name: (type_hints(cls)[f.name], f.name in ours)
+                                for f in dataclasses.fields(cls) if f.init})
 
     def parse_args_and_config(self, args: Iterable[str] | None = None) -> tuple[Any, ...]:
-        """Parse `--config FILE` (YAML) and flags (which override it) into the dataclasses, checking both."""
-        args = list(sys.argv[1:] if args is None else args)
+        """Parse `--config FILE` (YAML) and flags (which override it) into the dataclasses, checking both.
+
+        Anything unknown is an error, so TRL's options to return leftover strings are not offered."""
+        args = [part for arg in (sys.argv[1:] if args is None else args)
+                for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+        path, config = None, {}
         if "--config" in args:
             at = args.index("--config")
             if at + 1 == len(args):
                 raise ConfigError("--config", "no file was given", "give the path of a YAML file: --config FILE")
             path = args[at + 1]
             del args[at:at + 2]
-            self.set_defaults_with_config(**self._read_config(path))
-        outputs = self.parse_args_into_dataclasses(args=args)
-        for obj in outputs:
+            config = self._read_config(path)
+            self.set_defaults_with_config(**config)
+        try:
+            outputs = self.parse_args_into_dataclasses(args=args)
+        except ConfigError as e:  # a range check in a dataclass: name the file if the value came from it
+            flags = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in args if a.startswith("--")}
+            if e.option in config and e.option not in flags:
+                raise e.located(source=path) from None
+            raise
+        for obj in outputs:  # blocks from flags (JSON); from YAML they were checked with the file named
             for name, cls in self.nested.items():
                 if hasattr(obj, name):
                     setattr(obj, name, self._nested(name, getattr(obj, name), cls))
@@ -95,7 +109,7 @@ class StrictTrlParser(TrlParser):
         """A YAML value converted as its flag would be, and checked against the field's type hint."""
         if key not in self.fields:
             raise self._unknown(key, flag=False)
-        _, hint, ours = self.fields[key]
+        hint, ours = self.fields[key]
         if key in self.nested:
             return self._nested(key, value, self.nested[key])
         if isinstance(value, str):
@@ -147,8 +161,9 @@ class StrictTrlParser(TrlParser):
         option, problem = found[1].split("/")[0], found[2]
         dest = option.lstrip("-").replace("-", "_")
         if dest in self.fields and not problem.startswith("expected"):
-            members = non_null(self.fields[dest][1])  # a flag cannot be null
-            fix = f"give {option} {describe(members[0] if len(members) == 1 else self.fields[dest][1])}"
+            hint = self.fields[dest][0]
+            members = non_null(hint)  # a flag cannot be null
+            fix = f"give {option} {describe(members[0] if len(members) == 1 else hint)}"
         else:
             fix = f"give a value after {option}, or drop the flag"
         raise ConfigError(option, problem, fix)

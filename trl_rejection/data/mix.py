@@ -11,12 +11,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator, Literal
 
+from ..validation import ConfigError, check_dataclass, check_range, non_empty_strings
 from .formats import MixDataError, Record, Source
 
 DEFAULT_REFUSAL = "I'm sorry, but I cannot assist with your request"
@@ -58,31 +61,51 @@ class MixConfig:
         "help": "Check every record of a source in full ('all'), or only the records drawn into the mix ('drawn'; "
                 "every record is still parsed and its id checked)."})
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range, and that counts and total / refusal_fraction are not mixed."""
+        check_dataclass(self)
+        check_range(self, "n_refusal", lambda v: v >= 0, "a count >= 0")
+        check_range(self, "n_normal", lambda v: v >= 0, "a count >= 0")
+        check_range(self, "total", lambda v: v >= 1, "a row count >= 1")
+        if self.refusal_fraction is not None and not 0 < self.refusal_fraction < 1:
+            raise ConfigError("refusal_fraction", f"{self.refusal_fraction} is outside (0, 1)", "give a fraction "
+                              "strictly between 0 and 1, e.g. 0.2857 for the paper's 2000/7000")
+        check_range(self, "seed", lambda v: v >= 0, "a seed >= 0", "give e.g. 0 (Python's random treats -1 as 1)")
+        check_range(self, "refusal_sentences", lambda v: v and non_empty_strings(v), "a non-empty list of "
+                    "non-blank sentences", f"give at least one sentence, e.g. refusal_sentences: [{DEFAULT_REFUSAL!r}]")
+        check_range(self, "followup_markers", non_empty_strings, "a list of non-blank markers (a blank one "
+                    "matches every turn)", "remove the blank entries")
+        counts = self.n_refusal is not None or self.n_normal is not None
+        by_fraction = self.total is not None or self.refusal_fraction is not None
+        if counts and by_fraction:
+            raise ConfigError("total", "both counts (n_refusal / n_normal) and total / refusal_fraction were given",
+                              "give either n_refusal and n_normal, or total and refusal_fraction")
+        if counts and (self.n_refusal is None or self.n_normal is None):
+            raise ConfigError("n_refusal" if self.n_refusal is None else "n_normal", "n_refusal and n_normal go "
+                              "together, only one was given", "give both (0 is allowed)")
+        if counts and self.n_refusal + self.n_normal == 0:
+            raise ConfigError("n_refusal", "the mix would be empty (n_refusal + n_normal = 0)",
+                              "ask for at least one row")
+        if by_fraction and (self.total is None or self.refusal_fraction is None):
+            raise ConfigError("total" if self.total is None else "refusal_fraction", "total and refusal_fraction "
+                              "go together, only one was given", "give both, or n_refusal and n_normal instead")
+        if by_fraction and round(self.total * self.refusal_fraction) == 0:
+            smallest = max(1, math.ceil(0.5 / self.refusal_fraction))
+            while round(smallest * self.refusal_fraction) == 0:
+                smallest += 1
+            raise ConfigError("refusal_fraction", f"total={self.total} x refusal_fraction={self.refusal_fraction} "
+                              f"= {self.total * self.refusal_fraction:g} rounds to 0 refusal rows",
+                              f"give total >= {smallest} (the smallest that gives one refusal row), a larger "
+                              "refusal_fraction, or exact counts with n_refusal and n_normal")
+
     def counts(self) -> tuple[int, int]:
         """The requested (n_refusal, n_normal), from counts or from total and refusal_fraction."""
-        if self.total is not None or self.refusal_fraction is not None:
-            if self.n_refusal is not None or self.n_normal is not None:
-                raise MixDataError("arguments", None, "total", "both counts and total/refusal_fraction were given",
-                                   "give either n_refusal and n_normal, or total and refusal_fraction")
-            if self.total is None or self.refusal_fraction is None:
-                raise MixDataError("arguments", None, "total" if self.total is None else "refusal_fraction",
-                                   "total and refusal_fraction go together", "give both, or counts instead")
-            if not 0 < self.refusal_fraction < 1:
-                raise MixDataError("arguments", None, "refusal_fraction",
-                                   f"{self.refusal_fraction} is outside (0, 1)",
-                                   "give a fraction strictly between 0 and 1, e.g. 0.2857 for the paper's 2000/7000")
-            if self.total < 1:
-                raise MixDataError("arguments", None, "total", f"{self.total} is not positive", "give total >= 1")
+        if self.total is not None:
             n_refusal = round(self.total * self.refusal_fraction)
             return n_refusal, self.total - n_refusal
-        if self.n_refusal is None or self.n_normal is None:
-            raise MixDataError("arguments", None, "n_refusal" if self.n_refusal is None else "n_normal",
-                               "the mix size is not set", "give n_refusal and n_normal, or total and refusal_fraction")
-        for name in ("n_refusal", "n_normal"):
-            if getattr(self, name) < 0:
-                raise MixDataError("arguments", None, name, f"{getattr(self, name)} is negative", "give a count >= 0")
-        if self.n_refusal + self.n_normal == 0:
-            raise MixDataError("arguments", None, "n_refusal", "the mix would be empty", "ask for at least one row")
+        if self.n_refusal is None:
+            raise ConfigError("n_refusal", "the mix size is not set",
+                              "give n_refusal and n_normal, or total and refusal_fraction")
         return self.n_refusal, self.n_normal
 
 
@@ -120,9 +143,6 @@ def _take(wanted: int, available: int, what: str, src: Source, cfg: MixConfig, n
 
 def plan_mix(cfg: MixConfig, refusal: Source, normal: Source) -> MixPlan:
     """Draw the mix: refusal rows, then normal rows with ids disjoint from them, then one shuffle, all seeded."""
-    if not cfg.refusal_sentences or not all(isinstance(s, str) and s.strip() for s in cfg.refusal_sentences):
-        raise MixDataError("arguments", None, "refusal_sentences", "a refusal sentence is empty",
-                           "give at least one non-empty sentence")
     want_refusal, want_normal = cfg.counts()
     notes: list[str] = []
     rng = random.Random(cfg.seed)
@@ -132,6 +152,11 @@ def plan_mix(cfg: MixConfig, refusal: Source, normal: Source) -> MixPlan:
     candidates = [j for j, rid in enumerate(normal.ids) if rid not in taken] if taken else range(len(normal.ids))
     n_normal = _take(want_normal, len(candidates), "n_normal", normal, cfg, notes)
     normal_idx = rng.sample(candidates, n_normal)
+    if n_normal == 0 and n_refusal > 0:
+        notes.append(f"Every row is a refusal row (n_normal = 0{', after capping' if want_normal else ''}): a model "
+                     "trained on this mix alone learns to refuse everything. Mix in normal rows (the paper: 5000 "
+                     "per 2000 refusal rows) unless that is the intent.")
+        warnings.warn(notes[-1], stacklevel=2)
     order = [(True, i) for i in refusal_idx] + [(False, j) for j in normal_idx]
     rng.shuffle(order)
     return MixPlan(cfg, refusal, normal, order, (want_refusal, want_normal), notes)
