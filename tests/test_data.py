@@ -301,7 +301,8 @@ def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_fa
                for i, t in enumerate(texts)]
     path = tmp_path_factory.mktemp("scan") / ("x.jsonl" if jsonl else "x.json")
     dump = (lambda r: json.dumps(r, ensure_ascii=False, indent=indent))
-    path.write_text("\n".join(dump(r) for r in records) if jsonl else dump(records), encoding="utf-8")
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)  # JSONL: one record per line
+    path.write_text(lines if jsonl else dump(records), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(formats, "_CHUNK_BYTES", chunk)
         src = formats.open_json_source(path, validate="all")
