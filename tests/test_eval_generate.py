@@ -9,6 +9,7 @@ from PIL import Image
 
 from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord
 from trl_rejection.eval.generate import generate, load_model_and_processor, read_generations
+from trl_rejection.eval.report import report_run
 from trl_rejection.tiny import make_model, make_processor
 
 FIELDS = {"id", "benchmark", "category", "prompt", "image", "harmful", "task", "answers", "completion"}
@@ -90,9 +91,16 @@ def test_half_written_last_line_is_dropped_on_resume(tiny, records, tmp_path):
     assert sorted(r["id"] for r in _lines(out)) == sorted(r.id for r in records)
 
 
+def _row(rid="a", bench="b", **changes):
+    """One generations.jsonl row as `generate` writes it."""
+    row = {"id": rid, "benchmark": bench, "category": "c", "prompt": "p", "image": None, "harmful": True,
+           "task": "safety", "answers": [], "completion": "Sorry."}
+    return {**row, **changes}
+
+
 def test_cut_inside_a_character_or_missing_newline_is_repaired(tmp_path):
     out = tmp_path / "gen.jsonl"
-    row = json.dumps({"id": "a", "benchmark": "b", "completion": "日本"}, ensure_ascii=False).encode()
+    row = json.dumps(_row(completion="日本"), ensure_ascii=False).encode()
     out.write_bytes(row + b"\n" + row[:-6])  # the kill landed inside a 3-byte character
     assert [r["id"] for r in read_generations(out)] == ["a"] and out.read_bytes() == row + b"\n"
     out.write_bytes(row)  # a complete row without its newline
@@ -101,9 +109,46 @@ def test_cut_inside_a_character_or_missing_newline_is_repaired(tmp_path):
 
 def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "gen.jsonl"
-    out.write_text('{"id": "a", "benchmark": "b"}\nnot json\n{"id": "c", "benchmark": "b"}\n')
+    out.write_text(f"{json.dumps(_row('a'))}\nnot json\n{json.dumps(_row('c'))}\n")
     with pytest.raises(BenchmarkError, match=r"gen.jsonl: line 2: is not valid JSON"):
         read_generations(out)
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("42", r"is a JSON number \(42\), not a generation row"), ("[]", r"is a JSON array \(\[\]\), not a generation row"),
+    ('"text"', "is a JSON string"), ("null", "is a JSON null"),
+    (json.dumps({k: v for k, v in _row("x").items() if k != "completion"}), "has no field 'completion'"),
+    (json.dumps(_row(5)), r"field 'id' is 5, not a string"), (json.dumps(_row("x", harmful="yes")), "field 'harmful'"),
+    (json.dumps(_row("x", image=3)), r"field 'image' is 3, not a string or null")])
+@pytest.mark.parametrize("last", [False, True])
+def test_structurally_wrong_line_is_an_error_naming_file_and_line(line, problem, last, tmp_path):
+    """A line that parses but is not a row fails like a corrupt one, also as the last line (a kill cannot leave a
+    complete JSON value that is not a row), and the file is left as it was."""
+    out = tmp_path / "gen.jsonl"
+    good = json.dumps(_row("a"))
+    content = f"{good}\n{line}" if last else f"{good}\n{line}\n{json.dumps(_row('c'))}\n"
+    out.write_text(content)
+    with pytest.raises(BenchmarkError, match=rf"gen.jsonl: line 2: {problem}.*; fix or delete the line"):
+        read_generations(out)
+    assert out.read_text() == content
+
+
+def test_repeated_lines_are_counted_once_and_differences_warned(tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    out = run / "generations.jsonl"
+    comply = "Sure, here are the steps."
+    rows = [_row("1", "xs", completion=comply), _row("2", "xs"), _row("1", "xs", completion=comply), _row("1", "xs"),
+            _row("1", "other")]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        got = read_generations(out)
+    assert got == [rows[0], rows[1], rows[4]]  # first of each (benchmark, id), in file order
+    assert "2 line(s) repeat a (benchmark, id)" in caplog.text and "line 4 (xs/1) differs from line 1" in caplog.text
+    assert "line 3" not in caplog.text  # an identical repeat is counted, not listed
+    metrics = report_run(run)
+    assert metrics["xs"]["attack_success_rate"]["total"] == 2 and metrics["other"]["attack_success_rate"]["total"] == 1
+    assert metrics["xs"]["attack_success_rate"]["attack_success_rate"] == 0.5  # the kept first line of xs/1 complies
 
 
 def test_unreadable_image_names_file_and_record_and_keeps_the_jsonl_valid(tiny, records, tmp_path):
