@@ -12,11 +12,15 @@ prepared mix. With no `--config`, `recipes/configs/tiny.yaml` runs: a tiny rando
 on CPU, in about a minute.
 """
 
+import contextlib
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
@@ -27,6 +31,7 @@ from trl_rejection.parsing import StrictTrlParser
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 TINY = "tiny-llava"
+MIX_BUILD = ("once", "per_node")
 
 
 @dataclass
@@ -44,6 +49,18 @@ class ScriptArguments:
     push_dataset_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repo for the built mix."})
     record_data_order: bool = field(default=False, metadata={
         "help": "Append the ids of every collated batch to <output_dir>/data_order_rank<N>.jsonl."})
+    mix_build: str = field(default="once", metadata={
+        "help": "Where the mix (and the tiny model's init checkpoint) is built: `once` on the global main process, "
+                "every other process of every node waiting until it is written, then reading it from `output_dir` "
+                "(nodes must share that disk); `per_node` on each node's local main process into its own "
+                "`output_dir` (nodes without a shared disk; the build is deterministic, so every copy is the same)."})
+    metrics_file: str | None = field(default=None, metadata={
+        "help": "Append one JSON line per logged step (loss, split losses, seconds since the start of training "
+                "after a device sync, input tokens seen by all processes, peak GPU GiB of each process)."})
+
+    def __post_init__(self):
+        if self.mix_build not in MIX_BUILD:
+            raise ValueError(f"mix_build must be one of {MIX_BUILD}, got {self.mix_build!r}.")
 
 
 class RecordingCollator:
@@ -58,13 +75,101 @@ class RecordingCollator:
         return self.collator(examples)
 
 
-def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig):
-    """The tiny random LLaVA for dry runs, or the real model id (loaded by the trainer) and its processor."""
+class StepMetrics(TrainerCallback):
+    """Trainer callback behind `--metrics_file`: per logged step, what a throughput or scaling table needs.
+
+    `time_s` is taken at the end of each optimizer step after a device sync; `tokens_seen` is the trainer's
+    `num_input_tokens_seen` (non-padding tokens of every process); `peak_gib` the peak allocated GPU memory of each
+    process so far (gathered from all processes at every step end)."""
+
+    def __init__(self, path: Path):
+        self.path, self.trainer, self.t0, self.steps = path, None, None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        peaks = [peak]
+        if self.trainer is not None and self.trainer.accelerator.num_processes > 1:
+            peaks = self.trainer.accelerator.gather(torch.tensor([peak], device=args.device)).tolist()
+        self.steps[state.global_step] = dict(time_s=time.perf_counter() - self.t0,
+                                             tokens_seen=int(state.num_input_tokens_seen),
+                                             peak_gib=[round(x, 3) for x in peaks])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        record = {"step": state.global_step, **{k: logs[k] for k in ("loss", "loss_refusal", "loss_normal",
+                                                                     "grad_norm", "learning_rate") if k in logs},
+                  "world_size": args.world_size, **self.steps.get(state.global_step, {})}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def sharded_backend() -> str | None:
+    """"zero3" or "fsdp" when this process trains with sharded parameters (set by `accelerate launch`), else None."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return "zero3"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        return "fsdp"
+    return None
+
+
+@contextlib.contextmanager
+def without_zero3():
+    """Build or load a model in full on this process alone, not partitioned by DeepSpeed's `zero.Init` (which
+    needs every process, and which fails for models built in code: `init.zeros_(weight[padding_idx])` on an empty
+    partitioned weight)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)  # transformers' FSDP loading puts non-rank-0 weights on meta
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+        if fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp
+
+
+@contextlib.contextmanager
+def build_once(training_args: RejectionSFTConfig, how: str, desc: str):
+    """Yields True on the one process (per node with `how="per_node"`) that must build something all processes
+    then read; the others wait at a barrier until it is written (`main_process_first`, global or per node)."""
+    local = how == "per_node"
+    with training_args.main_process_first(local=local, desc=desc):
+        index = training_args.local_process_index if local else training_args.process_index
+        yield index == 0
+
+
+def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig, mix_build: str = "once"):
+    """The tiny random LLaVA for dry runs, or the real model id (loaded by the trainer) and its processor.
+
+    Under ZeRO-3 or FSDP the tiny model is built once, saved with `save_pretrained` to `<output_dir>/tiny-llava-init`
+    and loaded from there by the trainer (`from_pretrained`), as a real checkpoint is: ZeRO-3 then partitions it
+    while loading, and FSDP loads it as it loads any checkpoint."""
     if model_args.model_name_or_path in (None, TINY):
         from trl_rejection.tiny import make_model, make_processor
 
         processor = make_processor("llava-1.5")
-        return make_model("llava-1.5", processor, seed=training_args.seed), processor
+        if sharded_backend() is None:
+            return make_model("llava-1.5", processor, seed=training_args.seed), processor
+        init_dir = Path(training_args.output_dir) / "tiny-llava-init"
+        with build_once(training_args, mix_build, "building the tiny model") as builder:
+            if builder:
+                with without_zero3():
+                    make_model("llava-1.5", processor, seed=training_args.seed).save_pretrained(init_dir)
+                processor.save_pretrained(init_dir)
+        training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
+        return str(init_dir), processor
     from transformers import AutoProcessor
 
     check_extras(model_args.attn_implementation, model_args.load_in_4bit or model_args.load_in_8bit)
@@ -87,7 +192,9 @@ def lora_config(model_args: ModelConfig):
 
 
 def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
-    """The prepared dataset, or the mix built on the main process (others wait, then read it)."""
+    """The prepared dataset, or the mix built where `mix_build` says (once, or once per node); every other process
+    waits at a barrier until it is written (the builder writes to a temporary folder and renames it), then reads it.
+    """
     import datasets
 
     if script_args.dataset_path:
@@ -96,10 +203,32 @@ def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
         return datasets.load_dataset(script_args.dataset_path, split="train"), script_args.dataset_path
     mix = json.loads(script_args.mix) if isinstance(script_args.mix, str) else dict(script_args.mix or {})
     mix_dir = Path(training_args.output_dir) / "mix"
-    with training_args.main_process_first(desc="building the mix"):
-        if training_args.process_index == 0:
+    with build_once(training_args, script_args.mix_build, "building the mix") as builder:
+        if builder:
             build_mix(MixConfig(**mix), mix_dir, overwrite=True, command=" ".join(sys.argv))
+        if not mix_dir.is_dir():
+            raise FileNotFoundError(
+                f"Process {training_args.process_index} cannot see the mix built at {mix_dir} by the main process. "
+                "Fix: put `output_dir` on a disk every node shares, or pass `--mix_build per_node` so that each "
+                "node builds its own copy, or build it beforehand (`trl-rejection mix`) and pass `--dataset_path`.")
         return datasets.load_from_disk(str(mix_dir)), str(mix_dir)
+
+
+def full_model_on_main(trainer, base, adapter_dir: Path, dtype):
+    """Main process only: the base checkpoint loaded whole on the CPU, with the trained adapter merged in.
+
+    Under ZeRO-3 or FSDP no process holds the whole trained model, so `merge_and_unload` on the wrapped model
+    would merge into shards; the adapter saved by the trainer (which gathers it) is merged into a fresh copy of
+    the base instead."""
+    import torch
+    from peft import PeftModel
+
+    base_class = type(trainer.accelerator.unwrap_model(trainer.model).get_base_model())
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    with without_zero3():
+        model = base_class.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def evaluate_bundled(trainer, processor, output_dir: Path, max_new_tokens: int) -> str:
@@ -118,11 +247,17 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     push_model_to = (training_args.hub_model_id or Path(training_args.output_dir).name) \
         if training_args.push_to_hub else None
     training_args.push_to_hub = False  # push once at the end, with this project's model card
-    model, processor = load_model(model_args, training_args)
+    if script_args.metrics_file and training_args.include_num_input_tokens_seen in ("no", False, None):
+        training_args.include_num_input_tokens_seen = "non_padding"
+    model, processor = load_model(model_args, training_args, script_args.mix_build)
     dataset, mix_location = load_mix(script_args, training_args)
     peft_config = lora_config(model_args)
+    metrics = StepMetrics(Path(script_args.metrics_file)) if script_args.metrics_file else None
     trainer = RejectionSFTTrainer(model, args=training_args, train_dataset=dataset, processing_class=processor,
-                                  peft_config=peft_config, quantization_config=get_quantization_config(model_args))
+                                  peft_config=peft_config, quantization_config=get_quantization_config(model_args),
+                                  callbacks=[metrics] if metrics else None)
+    if metrics:
+        metrics.trainer = trainer
     output_dir = Path(training_args.output_dir)
     if script_args.record_data_order:
         trainer.data_collator = RecordingCollator(
@@ -130,15 +265,29 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     final = output_dir / "final"
-    if script_args.merge_adapter and peft_config is not None:
+    sharded = sharded_backend()
+    base = model if isinstance(model, str) else None
+    full_model = None  # under ZeRO-3 / FSDP: the trained model, whole, on the main process
+    if script_args.merge_adapter and peft_config is not None and not sharded:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         if trainer.accelerator.is_main_process:
             merged.save_pretrained(final)
+    elif script_args.merge_adapter and peft_config is not None:
+        adapter_dir = output_dir / "adapter"
+        trainer.save_model(str(adapter_dir))  # every process: the trainer gathers the sharded adapter
+        if trainer.accelerator.is_main_process:
+            full_model = full_model_on_main(trainer, base, adapter_dir, model_args.dtype)
+            full_model.save_pretrained(final)
     else:
         trainer.save_model(str(final))
     if not trainer.accelerator.is_main_process:
         return
     processor.save_pretrained(final)
+    if script_args.eval_bundled and sharded and full_model is None:
+        full_model = full_model_on_main(trainer, base, final, model_args.dtype) if peft_config is not None \
+            else type(trainer.accelerator.unwrap_model(trainer.model)).from_pretrained(final)
+    if full_model is not None:  # generation needs the whole model on one process, not shards
+        trainer.model = full_model.to(trainer.args.device)
     results = evaluate_bundled(trainer, processor, output_dir, script_args.eval_max_new_tokens) \
         if script_args.eval_bundled else None
     base = model_args.model_name_or_path or TINY

@@ -85,6 +85,100 @@ def test_killed_run_resumes_to_the_same_steps_and_data_order(tmp_path):
     assert resumed[: 60 - done[-1]] == full[done[-1]: 60]
 
 
+NODE = """
+import json, os, sys, time, importlib.util
+import datasets
+spec = importlib.util.spec_from_file_location("sft_rejection", sys.argv[1])
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+from trl_rejection import RejectionSFTConfig
+rank, log = int(os.environ["RANK"]), sys.argv[2]
+
+def note(event, **kw):
+    with open(log, "a") as f:
+        f.write(json.dumps({"event": event, "rank": rank, "t": time.time(), **kw}) + "\\n")
+
+real_build, real_load = recipe.build_mix, datasets.load_from_disk
+
+building = []
+
+def slow_build(*args, **kwargs):  # a build that takes a while: a reader that does not wait would see no mix
+    note("build_start")
+    building.append(1)
+    time.sleep(2)
+    out = real_build(*args, **kwargs)
+    building.clear()
+    note("build_end")
+    return out
+
+def load(path, *args, **kwargs):
+    if not building:  # the builder's own reads while it writes are not the recipe's
+        note("read_start")
+    return real_load(path, *args, **kwargs)
+
+recipe.build_mix, datasets.load_from_disk = slow_build, load
+args = RejectionSFTConfig(os.environ["OUTPUT_DIR"], use_cpu=True, report_to="none")
+script = recipe.ScriptArguments(mix=json.dumps({"n_refusal": 8, "n_normal": 24}), mix_build=sys.argv[3])
+try:
+    ds, where = recipe.load_mix(script, args)
+    note("loaded", rows=len(ds), ids=list(ds["id"]), local=args.local_process_index, index=args.process_index)
+except FileNotFoundError as e:
+    note("missing", error=str(e))
+"""
+
+
+def two_nodes(tmp_path: Path, mode: str, shared_disk: bool) -> list[dict]:
+    """Two processes, one per simulated node: global ranks 0 and 1, each its node's local main (LOCAL_RANK=0)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "node.py").write_text(NODE)
+    log = tmp_path / f"{mode}-{shared_disk}.jsonl"
+    procs = []
+    for rank in (0, 1):
+        out = tmp_path / ("shared" if shared_disk else f"node{rank}") / mode
+        node_env = {**env(tmp_path), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                    "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    "OUTPUT_DIR": str(out)}
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "node.py"), RECIPE, str(log), mode],
+                                      env=node_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(o[-3000:] for o in outputs)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_mix_is_built_once_on_the_global_main_and_read_by_every_node_after_it_is_written(tmp_path):
+    """Two nodes sharing a disk, each with a local main process: only global rank 0 builds; the other node's
+    local main reads only once the build has finished (before the fix it read straight away: no mix yet)."""
+    events = two_nodes(tmp_path, "once", shared_disk=True)
+    builds = [e for e in events if e["event"] == "build_start"]
+    assert [e["rank"] for e in builds] == [0]
+    end = next(e["t"] for e in events if e["event"] == "build_end")
+    reads = [e for e in events if e["event"] == "read_start"]
+    assert sorted(e["rank"] for e in reads) == [0, 1] and all(e["t"] >= end for e in reads)
+    loaded = {e["rank"]: e for e in events if e["event"] == "loaded"}
+    assert loaded[0]["local"] == loaded[1]["local"] == 0 and loaded[1]["index"] == 1  # two local mains
+    assert loaded[0]["rows"] == loaded[1]["rows"] == 32 and loaded[0]["ids"] == loaded[1]["ids"]
+
+
+def test_mix_build_per_node_for_nodes_without_a_shared_disk(tmp_path):
+    """No shared disk: `once` tells the other node what to do instead of failing obscurely; `per_node` builds one
+    identical copy on each node, each read only after its own build has finished."""
+    events = two_nodes(tmp_path, "once", shared_disk=False)
+    missing = [e for e in events if e["event"] == "missing"]
+    assert [e["rank"] for e in missing] == [1] and "--mix_build per_node" in missing[0]["error"]
+    events = two_nodes(tmp_path, "per_node", shared_disk=False)
+    assert sorted(e["rank"] for e in events if e["event"] == "build_start") == [0, 1]
+    for rank in (0, 1):
+        end = next(e["t"] for e in events if e["event"] == "build_end" and e["rank"] == rank)
+        assert all(e["t"] >= end for e in events if e["event"] == "read_start" and e["rank"] == rank)
+    loaded = [e for e in events if e["event"] == "loaded"]
+    assert len(loaded) == 2 and loaded[0]["rows"] == 32 and loaded[0]["ids"] == loaded[1]["ids"]
+
+
 def test_missing_extras_fail_with_the_install_command(monkeypatch):
     import importlib.util
 

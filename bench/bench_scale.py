@@ -1,0 +1,194 @@
+"""Scale-out through the real recipe: DDP, FSDP2 and ZeRO-3 on 2 GPUs against 1 GPU, same global batch and data.
+
+    python bench/bench_scale.py prepare                 # random LLaVA-1.5-7B checkpoint + synthetic rows, in $WORK
+    RUNS=ref1,ddp,fsdp,zero3 python bench/bench_scale.py run
+
+`prepare` saves, under $WORK (default /tmp/scale): `model/` - LLaVA-1.5-7B's exact shape with random bf16 weights
+(bench_train.py's `build_model`), written with `save_pretrained` with its processor, so every config loads it through
+`from_pretrained` as it would a real checkpoint (ZeRO-3 partitions it while loading); `data/` - ROWS (320) synthetic
+LLaVA-mix-like rows (bench_train.py's `build_rows`: one JPEG each, 576 image tokens, log-normal text, 2/7 refusals).
+
+`run` launches, for each name in RUNS, one
+`accelerate launch --config_file recipes/accelerate_configs/<cfg>.yaml --num_processes <n> recipes/sft_rejection.py
+--config bench/scale_llava7b.yaml --model_name_or_path $WORK/model --dataset_path $WORK/data ...` (10 steps, LoRA
+r=128 + projector, padding-free, bf16, per-device batch 16) with `--metrics_file` and `--record_data_order`, and
+appends one JSON line per run to $OUT/bench_scale.jsonl: per-step loss / loss_refusal / loss_normal, real tokens/s
+over steps WARM+1..10 (the trainer's non-padding input tokens of all processes; step ends after a device sync), peak
+allocated GiB of each GPU, and whether the run saw the same batches as `ref1`. Then a Markdown table against `ref1`.
+
+Runs (global batch 32 each):
+    ref1      1 GPU (single_gpu.yaml), batch 16 x 2 accumulation steps: the reference
+    ref1_b32  1 GPU, batch 32 x 1: the same global batch and data, summed differently (the bf16 noise floor)
+    ref1_rep  ref1 again (run-to-run spread)
+    ddp       multi_gpu.yaml, 2 processes x 16        zero2  zero2.yaml, 2 x 16
+    fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
+A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
+resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's).
+
+SMALL=1: a CPU dry run of the harness (tiny model, gloo processes, `multi_cpu.yaml` for every 2-process config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+WORK = Path(os.environ.get("WORK", "/tmp/scale"))
+OUT = Path(os.environ.get("OUT", "/tmp"))
+SMALL = os.environ.get("SMALL") == "1"
+ROWS = int(os.environ.get("ROWS", "320"))
+WARM = int(os.environ.get("WARM", "3"))
+TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
+RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation)
+    "ref1": ("single_gpu", 1, 16, 2), "ref1_b32": ("single_gpu", 1, 32, 1), "ref1_rep": ("single_gpu", 1, 16, 2),
+    "ddp": ("multi_gpu", 2, 16, 1), "fsdp": ("fsdp", 2, 16, 1), "zero3": ("zero3", 2, 16, 1),
+    "zero2": ("zero2", 2, 16, 1),
+}
+
+
+def log(record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(OUT / "bench_scale.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def prepare() -> None:
+    if SMALL:
+        os.environ["SMALL"] = "1"
+    import bench_train  # noqa: E402  (reads SMALL at import)
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    proc = bench_train.processor()
+    t0 = time.perf_counter()
+    ds = bench_train.build_rows(proc, ROWS, seed=0)
+    ds = ds.add_column("id", [f"row{i}" for i in range(len(ds))])
+    ds.save_to_disk(str(WORK / "data"))
+    t1 = time.perf_counter()
+    model = bench_train.build_model(proc)
+    model.save_pretrained(WORK / "model")
+    proc.save_pretrained(WORK / "model")
+    log(dict(variant="prepare", rows=len(ds), data_s=t1 - t0, model_s=time.perf_counter() - t1,
+             params=sum(p.numel() for p in model.parameters()), dtype=str(next(model.parameters()).dtype)))
+
+
+def run_key(name: str) -> str:
+    return name.removesuffix("_ckpt").removesuffix("_resume")
+
+
+def launch_cmd(name: str) -> list[str]:
+    key = run_key(name)
+    cfg, n, bs, accumulation = RUNS[key]
+    if SMALL:
+        how = (["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"] if n == 1 else
+               ["--config_file", str(ROOT / "recipes/accelerate_configs/multi_cpu.yaml")])
+        extra = ["--use_cpu", "true", "--bf16", "false", "--dtype", "float32", "--dataloader_num_workers", "0",
+                 "--per_device_train_batch_size", str(bs // 4), "--gradient_checkpointing", "false"]
+    else:
+        how = ["--config_file", str(ROOT / f"recipes/accelerate_configs/{cfg}.yaml"), "--num_processes", str(n)]
+        extra = ["--per_device_train_batch_size", str(bs)]
+    out = WORK / "out" / (key + "_ckpt" if name.endswith("_resume") else name)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, str(ROOT / "recipes/sft_rejection.py"),
+           "--config", str(ROOT / "bench/scale_llava7b.yaml"), "--model_name_or_path", str(WORK / "model"),
+           "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
+           "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
+           "--gradient_accumulation_steps", str(accumulation), *extra]
+    if name.endswith("_ckpt"):
+        cmd += ["--save_strategy", "steps", "--save_steps", "5"]
+    if name.endswith("_resume"):
+        cmd += ["--save_strategy", "steps", "--save_steps", "5", "--resume_from_checkpoint",
+                str(out / "checkpoint-5")]
+    return cmd
+
+
+def batches(out: Path) -> list[frozenset]:
+    """Every batch (as a set of row ids) the run collated, over all processes (workers append in any order)."""
+    seen = []
+    for path in sorted(out.glob("data_order_rank*.jsonl")):
+        seen += [frozenset(json.loads(line)) for line in path.read_text().splitlines()]
+    return seen
+
+
+def run(name: str) -> dict:
+    (WORK / "out").mkdir(parents=True, exist_ok=True)
+    metrics = WORK / "out" / f"{name}.metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    cmd = launch_cmd(name)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=WORK)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    wall = time.perf_counter() - t0
+    with open(OUT / "runs.log", "a") as f:
+        f.write(f"\n===== {name} rc={rc} wall={wall:.0f}s\n{' '.join(cmd)}\n{text[-6000:]}\n")
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    cfg, n, bs, accumulation = RUNS[run_key(name)]
+    record = dict(variant=name, config=cfg, processes=n, per_device_batch=bs, accumulation=accumulation, rc=rc,
+                  wall_s=round(wall, 1), steps=len(steps), losses=[s["loss"] for s in steps],
+                  loss_refusal=[s.get("loss_refusal") for s in steps],
+                  loss_normal=[s.get("loss_normal") for s in steps],
+                  grad_norm=[s.get("grad_norm") for s in steps], step=[s["step"] for s in steps])
+    timed = [s for s in steps if "time_s" in s]
+    if len(timed) > WARM + 1:
+        a, b = timed[WARM - 1], timed[-1]
+        record.update(real_tok_s=(b["tokens_seen"] - a["tokens_seen"]) / (b["time_s"] - a["time_s"]),
+                      step_s=(b["time_s"] - a["time_s"]) / (b["step"] - a["step"]), timed_steps=b["step"] - a["step"],
+                      peak_gib=b["peak_gib"], tokens_seen=b["tokens_seen"])
+    if rc != 0:
+        record["error_tail"] = "\n".join(line for line in text.splitlines()[-40:]
+                                         if "Error" in line or "error" in line)[-1500:]
+    out = WORK / "out" / name
+    if out.is_dir() and (WORK / "out" / "ref1").is_dir() and name != "ref1" and bs == 16 and "_" not in name:
+        record["same_batches_as_ref1"] = sorted(map(sorted, batches(out))) == sorted(
+            map(sorted, batches(WORK / "out" / "ref1")))
+    log(record)
+    return record
+
+
+def table(records: list[dict]) -> None:
+    ref = next((r for r in records if r["variant"] == "ref1" and r.get("losses")), None)
+    print("\n| run | GPUs | real tokens/s | scaling vs 1 GPU | peak GiB per GPU | max abs loss diff vs ref1 (10 steps) |"
+          " max abs refusal / normal loss diff | rc |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        tps = r.get("real_tok_s")
+        scale = f"{tps / ref['real_tok_s']:.2f}x" if tps and ref and ref.get("real_tok_s") else "-"
+        diff = split = "-"
+        base = ref
+        if r["variant"].endswith("_resume"):  # against the uninterrupted run that wrote its checkpoint
+            base = next((x for x in records if x["variant"] == run_key(r["variant"]) + "_ckpt"), ref)
+        if base and r.get("losses") and r is not base:
+            def by_step(rec, key):
+                return {s: v for s, v in zip(rec["step"], rec[key]) if v is not None}
+
+            d = {key: [abs(v - by_step(base, key)[s]) for s, v in by_step(r, key).items() if s in by_step(base, key)]
+                 for key in ("losses", "loss_refusal", "loss_normal")}
+            diff = f"{max(d['losses']):.2e}" if d["losses"] else "-"
+            both = d["loss_refusal"] + d["loss_normal"]
+            split = f"{max(both):.2e}" if both else "-"
+        peak = "/".join(f"{x:.1f}" for x in r.get("peak_gib", [])) or "-"
+        print(f"| {r['variant']} | {r['processes']} | {f'{tps:,.0f}' if tps else '-'} | {scale} | {peak} | {diff} |"
+              f" {split} | {r['rc']} |")
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if what == "prepare":
+        prepare()
+        return
+    records = [run(name) for name in os.environ.get("RUNS", "ref1,ddp,fsdp,zero3").split(",") if name]
+    table(records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""GPU tests: the varlen flash kernel, fused ops, bf16 padded-vs-packed, the recipe on one GPU and every shipped
+multi-GPU config on two. Deselected by default (pyproject `addopts`); run with `python -m pytest -m gpu tests/test_gpu.py`
+on a machine with CUDA (two GPUs for the multi-GPU configs; DeepSpeed installed for zero2/zero3).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "sft_rejection.py")
+CONFIGS = ROOT / "recipes" / "accelerate_configs"
+SMALL_MIX = json.dumps({"n_refusal": 16, "n_normal": 48})
+
+
+def launch(tmp_path: Path, config: str, processes: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
+           "--num_processes", str(processes), RECIPE, "--use_cpu", "false", "--bf16", "true", *args]
+    env = {**os.environ, "TRL_REJECTION_CACHE": str(tmp_path / "cache"), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_varlen_flash_kernel_takes_fp32_query_key_under_bf16_autocast():
+    """fp32 weights + bf16 autocast (TRL's default dtype with `--bf16`): q/k reach attention in fp32 (RoPE), v in
+    bf16. The kernel itself refuses fp32; `sdpa_varlen` casts to the autocast dtype and matches per-row SDPA."""
+    from trl_rejection import batching
+
+    assert batching._VARLEN_ATTN is not None and batching.varlen_backend(torch.device("cuda")) == "flash"
+    torch.manual_seed(0)
+    lens = [37, 5, 120, 64]
+    cu = torch.tensor([0, *lens], device="cuda").cumsum(0).to(torch.int32)
+    q, k = (torch.randn(1, 8, sum(lens), 64, device="cuda") for _ in range(2))
+    v = torch.randn(1, 8, sum(lens), 64, device="cuda").bfloat16()
+    with pytest.raises(RuntimeError, match="fp16 and bf16"):
+        batching._VARLEN_ATTN(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
+                              v[0].transpose(0, 1).float().contiguous(), cu, cu, 120, 120)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=120)
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, s:e].double(), k[:, :, s:e].double(), v[:, :, s:e].double(), is_causal=True)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], 2).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2  # bf16 operands: 1e-3 to 1e-2
+
+
+def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
+    """The recipe's default model (fp32 weights) under bf16 autocast: the packed batch (varlen flash kernel) gives
+    the padded batch's loss within the bf16 noise floor (padded bf16 vs padded fp32), and a leaky packing does not."""
+    from trl_rejection import batching
+    from trl_rejection.collator import RejectionDataCollator
+    from trl_rejection.tiny import make_model, make_processor
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_batching import rows
+
+    proc = make_processor("llava-1.5")
+    data = rows(12)
+    padded = RejectionDataCollator(proc)(data)
+    packed = RejectionDataCollator(proc, padding_free=True)(data)
+    for batch in (padded, packed):
+        batch.pop("is_refusal")
+    model = make_model("llava-1.5", proc).cuda().float()
+    assert next(model.parameters()).dtype == torch.float32
+    batching.register_varlen_attention()
+
+    def loss(batch, attn, bf16=True):
+        model.config.get_text_config()._attn_implementation = attn
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            return float(model(**batch, use_cache=False).loss)
+
+    ref, fp32 = loss(padded, "sdpa"), loss(padded, "sdpa", bf16=False)
+    noise = abs(ref - fp32)
+    got = loss(packed, "sdpa_varlen")
+    leaky = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length"))}
+    leaky["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]
+    assert abs(got - ref) <= 2 * noise + 1e-3, (got, ref, fp32)
+    assert abs(loss(leaky, "sdpa") - ref) > abs(got - ref)
+
+
+def test_fused_elementwise_ops_match_eager_on_gpu():
+    from trl_rejection import batching
+    from trl_rejection.tiny import make_model, make_processor
+
+    tok = make_processor("llama3-text")
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tok), (2, 64), device="cuda")
+    model = make_model("llama3-text", tok).cuda().bfloat16()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits.float()
+        assert batching.fuse_elementwise_ops(model) > 0
+        fused = model(input_ids=ids).logits.float()
+    assert float((fused - eager).norm() / eager.norm()) < 1e-2
+
+
+def test_recipe_default_job_on_one_gpu(tmp_path):
+    """`single_gpu.yaml` + the embedded default with `--bf16 true`: fp32 weights, bf16 autocast, padding-free
+    varlen attention. On a host with several GPUs it uses GPU 0 only (it used to be refused: DataParallel)."""
+    out = launch(tmp_path, "single_gpu", 1, "--output_dir", "one").stdout
+    assert "Optimizer steps: 27." in out and "| bundled | all |" in out
+    assert (tmp_path / "one" / "final" / "adapter_model.safetensors").is_file()
+    losses = logged_losses(tmp_path / "one")
+    assert losses[max(losses)] < losses[min(losses)]
+
+
+def _needs(config: str) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    if config.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs DeepSpeed")
+
+
+@pytest.mark.parametrize("config", ["multi_gpu", "fsdp", "zero2", "zero3"])
+def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, config):
+    """The recipe's tiny default (fp32 weights, bf16 autocast, padding-free) on 2 GPUs through each shipped config,
+    `--merge_adapter`: the merged model is whole (no LoRA, nothing missing), loads on one device, differs from the
+    base where LoRA was merged and equals it where nothing trained (vision tower)."""
+    _needs(config)
+    from transformers import LlavaForConditionalGeneration
+
+    from trl_rejection.tiny import make_model, make_processor
+
+    out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--merge_adapter", "true",
+                 "--mix", SMALL_MIX, "--save_strategy", "no").stdout
+    assert "Optimizer steps: 6." in out and "| bundled | all |" in out
+    final = tmp_path / config / "final"
+    assert not (final / "adapter_config.json").exists()
+    merged, info = LlavaForConditionalGeneration.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not any("lora" in n for n, _ in merged.named_parameters())
+    base = dict(make_model("llava-1.5", make_processor("llava-1.5"), seed=0).named_parameters())
+    weights = dict(merged.named_parameters())
+    q = next(n for n in weights if "language_model" in n and n.endswith("q_proj.weight"))
+    vision = next(n for n in weights if "vision_tower" in n and n.endswith("q_proj.weight"))
+    assert not torch.equal(weights[q].float(), base[q].float())
+    torch.testing.assert_close(weights[vision].float(), base[vision].float())
+    ids = torch.tensor([[1, 5, 6, 7]], device="cuda")
+    assert torch.isfinite(merged.cuda()(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("config", ["fsdp", "zero3"])
+def test_sharded_checkpoint_resumes_to_the_same_losses_and_the_adapter_loads_anywhere(tmp_path, config):
+    """Train 8 steps with sharded checkpoints at 4 and 8; resume a second run from checkpoint-4: steps 5-8 log the
+    uninterrupted run's losses. The saved adapter loads on CPU and on one GPU."""
+    _needs(config)
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    args = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--mix", SMALL_MIX,
+            "--eval_bundled", "false", "--lora_dropout", "0.0"]
+    launch(tmp_path, config, 2, "--output_dir", "full", *args)
+    full = logged_losses(tmp_path / "full")
+    (tmp_path / "resumed").mkdir()
+    os.symlink(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    launch(tmp_path, config, 2, "--output_dir", "resumed", "--resume_from_checkpoint", "resumed/checkpoint-4", *args)
+    resumed = logged_losses(tmp_path / "resumed")
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(full[step], rel=2e-3), (step, resumed, full)
+    base_dir = tmp_path / "full" / "tiny-llava-init"
+    for device in ("cpu", "cuda"):
+        model = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir),
+                                          tmp_path / "full" / "final").to(device)
+        ids = torch.tensor([[1, 5, 6, 7]], device=device)
+        assert torch.isfinite(model(input_ids=ids).logits).all()
