@@ -14,10 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl_rejection.errors import user_errors
+from trl_rejection.errors import UserError, user_errors
 from trl_rejection.eval.benchmarks import load_benchmark
 from trl_rejection.eval.generate import generate, load_model_and_processor
 from trl_rejection.eval.report import compare_runs, markdown_table, report_run
+from trl_rejection.io import atomic_write_text, check_work_dir
 from trl_rejection.parsing import StrictTrlParser
 
 
@@ -65,13 +66,13 @@ def load_records(args: EvalSafetyArguments) -> list:
     for name in args.benchmarks:
         if name == "generic":
             if not args.generic_paths:
-                raise ValueError("benchmark 'generic' needs --generic_paths FILE_OR_FOLDER [...]")
+                raise UserError("benchmark 'generic' needs files. Fix: pass --generic_paths FILE_OR_FOLDER [...]")
             loaded = [r for path in args.generic_paths for r in load_benchmark("generic", path)]
         elif name in sources:
             path, options = sources[name]
             loaded = load_benchmark(name, path, **options)
         else:
-            raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(sources) + ['generic']}")
+            raise UserError(f"unknown benchmark {name!r}. Fix: choose from {sorted(sources) + ['generic']}")
         records += loaded[: args.max_samples]
     return records
 
@@ -81,10 +82,10 @@ def check_run_config(args: EvalSafetyArguments) -> None:
     file = Path(args.output_dir) / "run_config.json"
     current = {k: getattr(args, k) for k in ("model_name_or_path", "adapter_path", "max_new_tokens")}
     if file.exists() and (previous := json.loads(file.read_text())) != current:
-        raise ValueError(f"{args.output_dir} holds generations made with {previous}, not {current}; "
-                         "choose another --output_dir or delete that folder")
+        raise UserError(f"{args.output_dir} holds generations made with {previous}, not {current}. Fix: "
+                        "choose another --output_dir or delete that folder")
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(current, indent=2) + "\n")
+    atomic_write_text(file, json.dumps(current, indent=2) + "\n")
 
 
 def run_generation(args: EvalSafetyArguments, records: list) -> None:
@@ -94,14 +95,23 @@ def run_generation(args: EvalSafetyArguments, records: list) -> None:
              max_new_tokens=args.max_new_tokens)
 
 
+def benchmark_inputs(args: EvalSafetyArguments) -> list[str]:
+    """The local inputs of this run (benchmark folders and files, model, adapter): never written to."""
+    paths = {"mm_safetybench": args.mm_safetybench_dir, "figstep": args.figstep_dir, "xstest": args.xstest_path,
+             "vlguard": args.vlguard_dir, "scienceqa": args.scienceqa_dir, "vizwiz": args.vizwiz_dir}
+    return [paths[b] for b in args.benchmarks if b in paths] + list(args.generic_paths) + \
+        [p for p in (args.model_name_or_path, args.adapter_path, *(args.compare or [])) if p]
+
+
 def main(args: EvalSafetyArguments) -> None:
+    check_work_dir(args.output_dir, inputs=benchmark_inputs(args), what="evaluation run")
     if args.compare:
         if len(args.compare) != 2:
-            raise ValueError(f"--compare takes two run folders, got {args.compare}")
+            raise UserError(f"--compare takes two run folders, got {args.compare}. Fix: give exactly two")
         print(compare_runs(*args.compare, out_dir=args.output_dir))
         return
     if not args.model_name_or_path:
-        raise ValueError("set --model_name_or_path (a local folder, a Hub id, or tiny-llava)")
+        raise UserError("no model given. Fix: set --model_name_or_path (a local folder, a Hub id, or tiny-llava)")
     check_run_config(args)
     run_generation(args, load_records(args))  # the model is freed on return, before a judge model loads
     title = args.model_name_or_path + (f" + {args.adapter_path}" if args.adapter_path else "")

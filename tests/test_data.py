@@ -271,8 +271,9 @@ def test_cli_with_yaml_config_and_overrides(sources, tmp_path, capsys):
     cli_main(["mix", "--config", str(config), "--n_normal", "9", "--output_dir", str(tmp_path / "o")])
     assert "Wrote 13 rows (4 refusal, 9 normal" in capsys.readouterr().out
     assert "Seed: 7" in (tmp_path / "o" / "README.md").read_text()
-    with pytest.raises(SystemExit, match="exists. Fix: "):
+    with pytest.raises(SystemExit) as e:
         cli_main(["mix", "--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "exists. Fix: " in capsys.readouterr().err
 
 
 def test_default_job_uses_bundled_sample(tmp_path, monkeypatch, capsys):

@@ -54,5 +54,21 @@ def test_bad_arguments_are_explained(tmp_path):
         _run("--compare", "a", "b", "c")
     with pytest.raises(ValueError, match="--model_name_or_path"):
         _run("--output_dir", str(tmp_path))
-    with pytest.raises(ValueError, match="needs --generic_paths"):
+    with pytest.raises(ValueError, match="needs files.*--generic_paths"):
         _run("--model_name_or_path", "tiny-llava", "--benchmarks", "generic", "--output_dir", str(tmp_path / "g"))
+
+
+def test_run_folder_may_not_be_the_cwd_home_or_hold_the_benchmark(tmp_path, monkeypatch):
+    from trl_rejection.io import UnsafePathError
+
+    bench = tmp_path / "data" / "xstest"
+    bench.mkdir(parents=True)
+    (bench / "xstest_prompts.csv").write_text("id,prompt,type,label\n1,hi,safe,safe\n")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, match in ((".", "current folder"), ("..", "current folder or a parent"), ("data", "holds the input")):
+        with pytest.raises(UnsafePathError, match=match):
+            _run("--model_name_or_path", "tiny-llava", "--benchmarks", "xstest", "--xstest_path",
+                 str(bench / "xstest_prompts.csv"), "--output_dir", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and sorted(bench.iterdir()) == [
+        bench / "xstest_prompts.csv"]

@@ -4,15 +4,21 @@
     trl-rejection mix --config recipes/configs/mix_paper.yaml --seed 1
     trl-rejection mix                      # the bundled sample data, a 20 + 50 row mix in outputs/mix
     trl-rejection sample-data DIR          # write the bundled sample data (LLaVA JSON + PNGs) to DIR
+
+Bad input stops with one line, `error: ...`, naming the file, record, field and fix (exit status 2); add
+`--debug` (or set TRL_REJECTION_DEBUG=1) to see the traceback.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 
 from .data.mix import MixConfig
+from .errors import DEBUG_ENV, user_errors
+from .io import terminate_as_interrupt
 
 COMMANDS = ("mix", "sample-data")
 
@@ -55,25 +61,40 @@ def _mix(argv: list[str]) -> None:
 
 
 def _sample_data(argv: list[str]) -> None:
+    """Write the bundled sample data into a new (or empty) folder, whole or not at all."""
     from .data.sample import write_sample_data
+    from .io import UnsafePathError, check_work_dir, replace_dir, staging_dir
 
     if len(argv) != 1:
         raise SystemExit("usage: trl-rejection sample-data DIR")
-    files = write_sample_data(argv[0])
-    print("\n".join(f"{k}: {v}" for k, v in files.items()))
+    out = check_work_dir(argv[0], what="sample data")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UnsafePathError(f"{argv[0]} exists and is not an empty folder; the sample data is only written into "
+                              "a new one. Fix: choose a new DIR")
+    with staging_dir(out) as work:
+        write_sample_data(work / "data")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        replace_dir(work / "data", out)
+    print("\n".join(f"{k}: {out / name}" for k, name in
+                    (("refusal", "sample_med.json"), ("normal", "sample_general.json"))))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch `trl-rejection COMMAND ...`."""
+    """Dispatch `trl-rejection COMMAND ...`; errors in the input print one line (`--debug`: the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(__doc__)
-    from .data.formats import MixDataError
-
-    try:
-        {"mix": _mix, "sample-data": _sample_data}[argv[0]](argv[1:])
-    except (MixDataError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"
+    with user_errors(), terminate_as_interrupt():
+        try:
+            {"mix": _mix, "sample-data": _sample_data}[argv[0]](argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the builder maps it to this)
+            print("interrupted: nothing was written (an earlier result at the output folder is intact)",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,14 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
+from ..io import atomic_write_text, check_output_dir, replace_dir, safe_name, safe_suffix, staging_dir, \
+    terminate_as_interrupt, write_inside
 from .card import dataset_card
 from .formats import MixDataError, open_source
-from .mix import MixConfig, MixPlan, RowParts, iter_row_parts, plan_mix
+from .mix import ImageRef, MixConfig, MixPlan, RowParts, iter_all_images, iter_row_parts, plan_mix, verify_images
 
 _BATCH_ROWS = 10_000
+MIX_MARKER = "mix_config.json"  # every mix folder holds it; --overwrite replaces only folders that do
 CITATION = """@inproceedings{wang2025curated,
   title={Do We Really Need Curated Malicious Data for Safety Alignment in Multi-modal Large Language Models?},
   author={Wang, Yanbo and Guan, Jiyang and Liang, Jian and He, Ran},
@@ -81,21 +82,28 @@ class RefusalMix(datasets.ArrowBasedBuilder):
                               cfg.duplicate_ids, cfg.validate)
         normal = open_source(cfg.normal_source, cfg.normal_source_name, cfg.normal_image_root, cfg.split,
                              cfg.duplicate_ids, cfg.validate)
+        if cfg.validate == "all":
+            for src in (refusal, normal):
+                verify_images(list(iter_all_images(src, cfg)), cfg.image_check)
         self.plan = plan_mix(cfg, refusal, normal)
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN)]
 
     def _generate_tables(self):
         batch: list[RowParts] = []
+        pending: list[ImageRef] = []  # images met for the first time, decode-checked before their batch is written
         # The plan holds ~1M long-lived objects for a mix665k build; freezing them keeps the cyclic GC from
         # rescanning them on every collection (measured: 58 s -> 36 s for 667k rows).
         gc.freeze()
         try:
-            for parts in iter_row_parts(self.plan):
+            for parts in iter_row_parts(self.plan, pending):
                 batch.append(parts)
                 if len(batch) == _BATCH_ROWS:
+                    verify_images(pending, self.plan.config.image_check)
+                    pending.clear()
                     yield len(batch), rows_to_table(batch)
                     batch = []
             if batch:
+                verify_images(pending, self.plan.config.image_check)
                 yield len(batch), rows_to_table(batch)
         finally:
             gc.unfreeze()
@@ -163,13 +171,15 @@ def build_mix(cfg: MixConfig, output_dir: str | os.PathLike | None = None, *, ov
               embed_images: bool = False, export_llava: bool = False, command: str | None = None) -> datasets.Dataset:
     """Build the mix; with `output_dir`, write it there atomically (`save_to_disk` + README.md card).
 
-    Nothing appears at `output_dir` unless the whole mix was built and written: the data goes to a temporary
-    folder beside it first and is moved into place at the end.
+    Nothing appears at `output_dir` unless the whole mix was built and written: the data goes to a hidden
+    temporary folder beside it first and is swapped into place at the end (a kill or SIGTERM leaves the previous
+    state; a later run removes what a killed one left). `overwrite` replaces only a mix this function wrote
+    before; `output_dir` may never be the current folder, a parent of it, home, `/`, or hold a source or image root.
 
     Args:
         cfg: what to mix (sources, counts, sentences, seed). Unset sources use the bundled sample data.
         output_dir: where to write; None returns a dataset in the `datasets` cache.
-        overwrite: replace an existing `output_dir`.
+        overwrite: replace an existing `output_dir` that holds an earlier mix.
         embed_images: store image bytes in the Arrow files (portable) instead of absolute paths.
         export_llava: also write `llava.json` (LLaVA / LLaMA-Factory format) and its images next to the data.
         command: the command line to record in the card.
@@ -177,12 +187,9 @@ def build_mix(cfg: MixConfig, output_dir: str | os.PathLike | None = None, *, ov
     cfg = _with_sample_defaults(cfg)
     if output_dir is None:
         return _prepare(cfg, None)[0]
-    out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists. Fix: choose another output_dir or pass overwrite=True (--overwrite).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    inputs = [cfg.refusal_source, cfg.normal_source, cfg.refusal_image_root, cfg.normal_image_root]
+    out = check_output_dir(output_dir, overwrite=overwrite, marker=MIX_MARKER, inputs=inputs, what="mix")
+    with terminate_as_interrupt(), staging_dir(out) as work:
         ds, plan = _prepare(cfg, str(work / "cache"))
         staged = work / "data"
         if embed_images:
@@ -192,12 +199,9 @@ def build_mix(cfg: MixConfig, output_dir: str | os.PathLike | None = None, *, ov
         if export_llava:
             export_llava_json(datasets.load_from_disk(str(staged)), staged / "llava.json")
         (staged / "README.md").write_text(dataset_card(plan, command=command), encoding="utf-8")
-        (staged / "mix_config.json").write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        (staged / MIX_MARKER).write_text(json.dumps(vars(cfg), indent=2), encoding="utf-8")
+        del ds  # release the cache files before they are moved or removed
+        replace_dir(staged, out)
     return datasets.load_from_disk(str(out))
 
 
@@ -231,19 +235,21 @@ def _llava_turn(msg: dict[str, Any]) -> dict[str, str]:
 def export_llava_json(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
     """Write the mix as LLaVA JSON (`id`, `image`, `conversations`) for LLaVA / LLaMA-Factory training code.
 
-    Image paths are written as stored; embedded images are saved as files in `images/` beside `path`.
+    Image paths are written as stored; embedded images are saved as files in `images/` beside `path`, named by a
+    sanitised, hashed record id (`safe_name`), so no id can place a file outside that folder. The JSON is written
+    whole or not at all.
     """
     path = Path(path)
+    images_dir = path.parent / "images"
     ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
     records = []
     for row in ds:
         images = []
         for k, im in enumerate(row["images"]):
             if im["bytes"] is not None:
-                name = Path("images") / f"{row['id']}_{k}{Path(im['path'] or '.png').suffix or '.png'}"
-                (path.parent / name).parent.mkdir(parents=True, exist_ok=True)
-                (path.parent / name).write_bytes(im["bytes"])
-                images.append(str(name))
+                name = f"{safe_name(row['id'])}_{k}{safe_suffix(im['path'])}"
+                write_inside(images_dir, name, im["bytes"])
+                images.append(f"images/{name}")
             else:
                 images.append(im["path"])
         rec: dict[str, Any] = {"id": row["id"]}
@@ -251,6 +257,5 @@ def export_llava_json(ds: datasets.Dataset, path: str | os.PathLike) -> Path:
             rec["image"] = images[0] if len(images) == 1 else images
         rec["conversations"] = [_llava_turn(m) for m in row["messages"]]
         records.append(rec)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f, ensure_ascii=False)
+    atomic_write_text(path, json.dumps(records, ensure_ascii=False))
     return path

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
+from trl_rejection.errors import UserError
+
 Task = Literal["safety", "multiple_choice", "short_answer"]
 
 
@@ -52,7 +54,7 @@ class EvalRecord:
     answers: tuple[str, ...] = ()
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
     """A malformed benchmark file or record: the message names the file and the record.
 
     Example:

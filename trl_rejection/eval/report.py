@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from statistics import fmean
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 
 from trl_rejection.eval.generate import read_generations
 from trl_rejection.eval.utility import score_utility
+from trl_rejection.io import atomic_write_bytes, atomic_write_text
 from trl_rejection.metrics.judge import PhraseList, classify, get_judge
 from trl_rejection.metrics.rates import asr_summary, over_refusal_summary
 
@@ -165,7 +167,9 @@ def plot_asr(runs: dict[str, Metrics], path: str | Path) -> Path:
     if len(runs) > 1:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
 
@@ -181,11 +185,10 @@ def report_run(run_dir: str | Path, judge: str | PhraseList | Any = None, title:
     if not rows:
         raise FileNotFoundError(f"no generations in {run / 'generations.jsonl'}; run the generation step first")
     scored = score_generations(rows, judge)
-    with (run / "scored.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+    atomic_write_text(run / "scored.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
     metrics = compute_metrics(scored)
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    (run / "report.md").write_text(f"# {title or run.name}\n\n{markdown_table(metrics)}\n", encoding="utf-8")
+    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(run / "report.md", f"# {title or run.name}\n\n{markdown_table(metrics)}\n")
     plot_asr({title or run.name: metrics}, run / "asr_by_category.png")
     return metrics
 
@@ -210,6 +213,6 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path | Non
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.md").write_text(f"# {names[0]} vs {names[1]}\n\n{text}\n", encoding="utf-8")
+        atomic_write_text(out / "comparison.md", f"# {names[0]} vs {names[1]}\n\n{text}\n")
         plot_asr(dict(zip(names, loaded)), out / "comparison.png")
     return text
