@@ -117,7 +117,7 @@ def _normalize(obj: Any, index: int) -> Record:
     elif not isinstance(images, list):
         images = [images]
     for k, im in enumerate(images):
-        if not (isinstance(im, str) and im) and not isinstance(im, dict):
+        if not _is_image(im):
             raise _Bad(f"{fld}[{k}]" if len(images) > 1 else fld, f"expected an image path, got {im!r}",
                        "give image paths as non-empty strings relative to the image root")
     n_placeholders = sum(t[2] for t in turns)
@@ -129,6 +129,14 @@ def _normalize(obj: Any, index: int) -> Record:
         first = next(i for i, t in enumerate(turns) if t[0] == "user")
         turns[first] = (turns[first][0], turns[first][1], len(images))
     return {"id": record_id(obj, index), "images": images, "turns": turns}
+
+
+def _is_image(image: Any) -> bool:
+    """A non-empty path, or `datasets.Image` storage: {"bytes": bytes or None, "path": str or None}, not both None."""
+    if isinstance(image, dict):
+        data, path = image.get("bytes"), image.get("path")
+        return isinstance(data, (bytes, type(None))) and isinstance(path, (str, type(None))) and bool(data or path)
+    return isinstance(image, str) and bool(image)
 
 
 def _llava_turns(conv: Any) -> list[tuple[str, str, int]]:
@@ -293,9 +301,10 @@ class _Text:
                        for k in range(0, byte_offset, _CHUNK_BYTES))
 
     def where(self, p: int) -> str:
-        """'line L, column C' (1-based) of `buf[p]`: the file is read again up to there (only for messages)."""
+        """'line L, column C' (1-based) of `buf[p]`: the file is read again up to there (only for messages; bytes
+        after `p` that are not UTF-8 must not fail it)."""
         char, line, col = self.start + p, 1, 1
-        with open(self.path, encoding="utf-8-sig", newline="") as f:
+        with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as f:
             while char > 0:
                 part = f.read(min(_CHUNK_BYTES, char))
                 char -= len(part)
@@ -334,6 +343,12 @@ def _scan_json(path: Path) -> Iterator[tuple[int, str, Any]]:
             yield from _scan_lines(text)
 
 
+def _unreadable(text: _Text, index: int, e: Exception) -> MixDataError:
+    """Valid JSON syntax that Python's json cannot read either: an integer of over 4300 digits, deep nesting."""
+    return text.error(f"record #{index} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})",
+                      "shorten the number or the nesting, or drop the record")
+
+
 def _scan_array(text: _Text) -> Iterator[tuple[int, str, Any]]:
     """The records of a JSON array; `text.pos` is just after its `[`."""
     decode, ws = json.JSONDecoder().raw_decode, _WS.match
@@ -356,7 +371,9 @@ def _scan_array(text: _Text) -> Iterator[tuple[int, str, Any]]:
                     break
                 try:
                     obj, end = decode(buf, pos)
-                except json.JSONDecodeError as e:
+                except (ValueError, RecursionError) as e:
+                    if not isinstance(e, json.JSONDecodeError):
+                        raise _unreadable(text, index, e) from None
                     # A record cut by the chunk end fails at the end of the buffer (or in a string running into it):
                     # read more. A failure anywhere else is malformed JSON.
                     if not eof and (e.msg.startswith("Unterminated string") or e.pos >= n - 8):
@@ -433,7 +450,9 @@ def _scan_lines(text: _Text) -> Iterator[tuple[int, str, Any]]:
                 nl = n
             try:
                 obj, end = decode(buf, pos)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
+                if not isinstance(e, json.JSONDecodeError):
+                    raise _unreadable(text, index, e) from None
                 if e.pos <= nl:
                     cut = "; the file ends inside it: is it truncated?" if eof and e.pos >= n - 1 else ""
                     raise text.error(f"malformed JSON in record #{index} ({e.msg}: {text.where(e.pos)}{cut})",
