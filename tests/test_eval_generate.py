@@ -2,17 +2,18 @@
 interruption, bad images, plain tokenizers, LoRA adapters."""
 
 import json
+from dataclasses import fields
 
 import pytest
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord
-from trl_rejection.eval.generate import generate, load_model_and_processor, read_generations
+from trl_rejection.eval.generate import ROW_FIELDS, generate, load_model_and_processor, read_generations
 from trl_rejection.eval.report import report_run
 from trl_rejection.tiny import make_model, make_processor
 
-FIELDS = {"id", "benchmark", "category", "prompt", "image", "harmful", "task", "answers", "completion"}
+FIELDS = {f.name for f in fields(EvalRecord)} | {"completion"}  # what `generate` writes per line
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,10 @@ def _row(rid="a", bench="b", **changes):
     row = {"id": rid, "benchmark": bench, "category": "c", "prompt": "p", "image": None, "harmful": True,
            "task": "safety", "answers": [], "completion": "Sorry."}
     return {**row, **changes}
+
+
+def test_rows_written_by_generate_have_every_field_read_generations_requires():
+    assert set(ROW_FIELDS) <= FIELDS
 
 
 def test_cut_inside_a_character_or_missing_newline_is_repaired(tmp_path):
