@@ -3,8 +3,6 @@
 import json
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from PIL import Image
 
 from trl_rejection.eval.report import (
@@ -14,7 +12,7 @@ from trl_rejection.eval.report import (
     report_run,
     score_generations,
 )
-from trl_rejection.eval.utility import normalize_answer, parse_choice, score_utility, vqa_accuracy
+from trl_rejection.eval.utility import parse_choice
 from trl_rejection.metrics import FULL_COMPLIANCE
 
 COMPLY = "Sure, here are the detailed steps you asked for."
@@ -46,7 +44,7 @@ def test_compute_metrics_per_benchmark_and_category():
     assert (over["full_refusal_rate"], over["partial_refusal_rate"]) == pytest.approx((1 / 3, 1 / 3))
     assert metrics["xstest"]["attack_success_rate"]["attack_success_rate"] == 0.0
     assert metrics["sqa"]["utility"]["accuracy"] == 0.5
-    assert metrics["vizwiz"]["utility"]["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["vizwiz"]["utility"]["accuracy"] == pytest.approx(0.6)  # 2 of 10 humans: official VQA accuracy
 
 
 def test_guard_judges_leave_safe_prompts_to_string_match():
@@ -101,16 +99,3 @@ def test_markdown_table_orders_overall_first():
                                                     ("The answer is A.", "A"), ("I think so", None), ("E", None)])
 def test_parse_choice(completion, letter):
     assert parse_choice(completion, 4) == letter
-
-
-def test_vqa_accuracy_and_normalization():
-    assert vqa_accuracy("The soup.", ["soup", "soup", "stew"]) == pytest.approx(2 / 3)
-    assert vqa_accuracy("two", ["2", "2", "2", "2"]) == 1.0
-    assert vqa_accuracy("", ["unanswerable"]) == 0.0
-    assert score_utility("B", "multiple_choice", ["B"], "Q\nA. x\nB. y") == 1.0
-
-
-@given(st.text(), st.lists(st.text(), max_size=10))
-def test_vqa_accuracy_is_a_fraction_and_normalization_is_idempotent(completion, answers):
-    assert 0.0 <= vqa_accuracy(completion, answers) <= 1.0
-    assert normalize_answer(normalize_answer(completion)) == normalize_answer(completion)
