@@ -138,6 +138,21 @@ def test_missing_local_path_is_not_found_and_never_the_hub(location, tmp_path, m
         assert "(did you mean 'data/typo_dirs'?)" in message and "because 'data' exists here" in message
 
 
+def test_unreadable_file_and_special_file_are_refused_in_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "locked.json"
+    path.write_text(f"[{R}]")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(formats, "open", denied, raising=False)  # the scanner's open(); root ignores chmod 000
+    with pytest.raises(MixDataError, match=r"locked.json: cannot be read \(PermissionError: .*Permission denied"):
+        open_source(str(path))
+    if os.path.exists("/dev/null"):
+        with pytest.raises(MixDataError, match=r"^/dev/null: is neither a regular file nor a folder"):
+            open_source("/dev/null")
+
+
 def test_folder_that_is_not_a_dataset_is_refused_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(MixDataError, match=r"is a folder but not a readable save_to_disk dataset") as info:

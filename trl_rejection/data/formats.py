@@ -515,11 +515,15 @@ def open_json_source(path: str | os.PathLike, name: str | None = None, image_roo
     if not path.is_file():
         raise MixDataError(str(path), None, None, "the file does not exist", "check the path")
     raws, ids = [], []
-    for index, raw, obj in _scan_json(path):
-        ids.append(record_id(obj, index))
-        if validate == "all":
-            _normalize_json(obj, raw, str(path), index)
-        raws.append(raw)
+    try:
+        for index, raw, obj in _scan_json(path):
+            ids.append(record_id(obj, index))
+            if validate == "all":
+                _normalize_json(obj, raw, str(path), index)
+            raws.append(raw)
+    except OSError as e:  # unreadable: permissions, an I/O error
+        raise MixDataError(str(path), None, None, f"cannot be read ({_first_line(e)})",
+                           "check that the file is readable (permissions, disk)") from None
     ids = _check_unique(ids, str(path), duplicate_ids)
 
     decode = json.JSONDecoder().raw_decode  # each raw text is exactly one JSON value: skip json.loads' checks
@@ -596,9 +600,10 @@ _HUB_PROBE_SECONDS = 1.5
 def locate_source(location: str) -> tuple[str, str]:
     """Say what `location` names: ("file", path), ("dir", path) or ("hub", dataset id).
 
-    An existing file or folder is local (`~` is expanded). Otherwise `org/name` is a Hub dataset id unless it looks
-    local: it starts with `.`, `/` or `~`, ends in .json/.jsonl, or its first component (`org`) exists here. A
-    missing local path is refused as "not found" (with close names from its folder), never sent to the Hub.
+    An existing file or folder is local (`~` is expanded). Otherwise `org/name` (one `/`; letters, digits, `_.-`) is
+    a Hub dataset id unless it looks local: it ends in .json/.jsonl or its first component (`org`) exists here.
+    Anything else (`./x`, `/abs/x`, `~/x`, `x.json`, `a/b/c`, a name without `/`) is a missing local path, refused
+    as "not found" (with close names from its folder), never sent to the Hub.
 
     Example:
         >>> locate_source("HuggingFaceH4/llava-instruct-mix-vsft")
@@ -609,13 +614,19 @@ def locate_source(location: str) -> tuple[str, str]:
         return "file", path
     if os.path.isdir(path):
         return "dir", path
+    if os.path.exists(path):
+        raise MixDataError(location, None, None, "is neither a regular file nor a folder",
+                           "give a .json/.jsonl file, a save_to_disk folder, or a Hub dataset id 'org/name'")
     first = location.split("/", 1)[0]
     if (_HUB_ID.fullmatch(location) and not location.lower().endswith((".json", ".jsonl"))
             and not os.path.lexists(first)):
         return "hub", location
     folder, base = os.path.split(os.path.normpath(path))
     folder = folder or "."
-    close = difflib.get_close_matches(base, os.listdir(folder), n=3) if os.path.isdir(folder) else []
+    try:
+        close = difflib.get_close_matches(base, os.listdir(folder), n=3)
+    except OSError:  # the folder is missing or unreadable too
+        close = []
     hint = f" (did you mean {' or '.join(repr(os.path.join(folder, c)) for c in close)}?)" if close else ""
     if _HUB_ID.fullmatch(location) and os.path.lexists(first):
         hint += f"; it is read as a local path, not a Hub id, because {first!r} exists here"
