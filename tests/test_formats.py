@@ -192,8 +192,10 @@ def test_hub_id_with_an_unanswering_hub_fails_in_under_two_seconds(monkeypatch):
 def _record(i: int) -> dict[str, Any]:
     conv = [{"from": "human", "value": f"<image>\nWhat is in café {i}?"}, {"from": "gpt", "value": f"A cat {i}."},
             {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Nothing."}]
-    return {"id": f"r{i}", "image": "img/x.png", "conversations": conv} if i % 3 else \
-        {"id": f"r{i}", "conversations": [{"from": "human", "value": f"Text only {i}?"}, {"from": "gpt", "value": "Ok."}]}
+    if i % 3 == 0:  # text-only
+        return {"id": f"r{i}", "conversations": [{"from": "human", "value": f"Text only {i}?"},
+                                                 {"from": "gpt", "value": "Ok."}]}
+    return {"id": f"r{i}", "image": "img/x.png", "conversations": conv}
 
 
 RECORDS = [_record(i) for i in range(6)]
@@ -215,13 +217,16 @@ OPS = st.lists(st.one_of(
 
 def _edit(records: list[Any], index: int, path: tuple, value: Any) -> None:
     """Set `records[index]` at `path` to `value` (skipped where the path does not exist)."""
+    def settable(target: Any, key: Any) -> bool:
+        return isinstance(target, dict) and isinstance(key, str) or (
+            isinstance(target, list) and isinstance(key, int) and key < len(target))
+
     target = records[index]
     for key in path[:-1]:
-        if not (isinstance(target, list) and isinstance(key, int) and key < len(target)) and not (
-                isinstance(target, dict) and key in target):
+        if not settable(target, key) or (isinstance(target, dict) and key not in target):
             return
         target = target[key]
-    if isinstance(target, dict) or (isinstance(target, list) and path[-1] < len(target)):
+    if settable(target, path[-1]):
         target[path[-1]] = value
 
 
