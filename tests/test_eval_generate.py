@@ -124,7 +124,9 @@ def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
     ('"text"', "is a JSON string"), ("null", "is a JSON null"),
     (json.dumps({k: v for k, v in _row("x").items() if k != "completion"}), "has no field 'completion'"),
     (json.dumps(_row(5)), r"field 'id' is 5, not a string"), (json.dumps(_row("x", harmful="yes")), "field 'harmful'"),
-    (json.dumps(_row("x", image=3)), r"field 'image' is 3, not a string or null")])
+    (json.dumps(_row("x", image=3)), r"field 'image' is 3, not a string or null"),
+    (json.dumps(_row("x", task="qa")), r"field 'task' is 'qa', not one of \('safety', "),
+    (json.dumps(_row("x", answers=["a", 1])), r"field 'answers' is \[\"a\", 1\], not a list of strings")])
 @pytest.mark.parametrize("last", [False, True])
 def test_structurally_wrong_line_is_an_error_naming_file_and_line(line, problem, last, tmp_path):
     """A line that parses but is not a row fails like a corrupt one, also as the last line (a kill cannot leave a

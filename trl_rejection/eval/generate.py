@@ -17,13 +17,13 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord
+from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord, Task
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 
 def _check_row(row: Any, path: Path, line: int) -> None:
-    """A row must be a JSON object with every field of `ROW_FIELDS`, each of its type."""
+    """A row must be a JSON object with every field of `ROW_FIELDS`, each of its type, a known task and string
+    answers."""
     if not isinstance(row, dict):
         raise BenchmarkError(path, f"line {line}", f"is a JSON {_JSON_TYPES[type(row)]} ({json.dumps(row)[:40]}), "
                              "not a generation row (an object with id, benchmark, ..., completion); fix or delete the "
@@ -78,6 +79,12 @@ def _check_row(row: Any, path: Path, line: int) -> None:
         if not isinstance(row[name], types):
             raise BenchmarkError(path, f"line {line}", f"field {name!r} is {json.dumps(row[name])[:40]}, not a "
                                  f"{' or '.join(_JSON_TYPES[t] for t in types)}; fix or delete the line")
+    if row["task"] not in get_args(Task):
+        raise BenchmarkError(path, f"line {line}", f"field 'task' is {row['task']!r}, not one of {get_args(Task)}; fix "
+                             "or delete the line")
+    if not all(isinstance(answer, str) for answer in row["answers"]):
+        raise BenchmarkError(path, f"line {line}", f"field 'answers' is {json.dumps(row['answers'])[:40]}, not a list "
+                             "of strings; fix or delete the line")
 
 
 def read_generations(path: str | Path) -> list[dict[str, Any]]:
