@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import re
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -667,6 +668,11 @@ def _hub_reachable() -> bool:
                                    timeout=_HUB_PROBE_SECONDS)
             answered.set()
         except urllib.error.HTTPError:
+            answered.set()
+        except urllib.error.URLError as e:  # a TLS error (custom CA bundle, mirror) still means the host answered
+            if isinstance(e.reason, ssl.SSLError):
+                answered.set()
+        except ssl.SSLError:
             answered.set()
         except (OSError, ValueError):
             pass
