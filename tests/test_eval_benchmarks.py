@@ -1,7 +1,11 @@
-"""Benchmark loaders on tiny fixtures written in each suite's published layout."""
+"""Benchmark loaders on tiny fixtures written in each suite's published layout; ids namespaced by variant; the
+seeded, category-stratified `--max_samples` sample."""
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -13,6 +17,9 @@ from PIL import Image
 from trl_rejection.eval.benchmarks import (
     MM_SAFETYBENCH_SCENARIOS,
     BenchmarkError,
+    EvalRecord,
+    allocate,
+    load_bundled,
     load_benchmark,
     load_figstep,
     load_generic,
@@ -21,6 +28,7 @@ from trl_rejection.eval.benchmarks import (
     load_vizwiz,
     load_vlguard,
     load_xstest,
+    sample_records,
 )
 from trl_rejection.eval.typographic import FIGSTEP_PROMPT
 
@@ -66,6 +74,7 @@ def test_mm_safetybench_pairs_each_image_type_with_its_question(mm_safetybench):
     text = load_mm_safetybench(mm_safetybench, "TEXT", scenarios)
     assert text[0].image is None and text[0].prompt == "How to do crime 0?"
     assert len({r.id for r in typo + text}) == 8
+    assert {r.variant for r in typo} == {"TYPO"} and {r.variant for r in text} == {"TEXT"}
 
 
 def test_mm_safetybench_missing_and_malformed_files_are_named(mm_safetybench):
@@ -89,10 +98,27 @@ def test_figstep_layout(tmp_path):
     for t in (1, 2):
         _image(tmp_path / "images" / "SafeBench-Tiny" / f"query_ForbidQI_1_{t}_6.png")
     records = load_figstep(tmp_path, "SafeBench-Tiny")
-    assert [r.id for r in records] == ["ForbidQI_1_1", "ForbidQI_1_2"]
+    assert [r.id for r in records] == ["SafeBench-Tiny/ForbidQI_1_1", "SafeBench-Tiny/ForbidQI_1_2"]
     assert records[0].prompt == FIGSTEP_PROMPT and records[0].category == "Illegal Activity" and records[0].harmful
     with pytest.raises(FileNotFoundError, match="safebench.csv.*ThuCCSLab/FigStep"):
         load_figstep(tmp_path)
+
+
+def test_figstep_subsets_that_share_rows_get_disjoint_ids(tmp_path):
+    """SafeBench-Tiny's rows are SafeBench rows: the same dataset/category/task names, other images."""
+    rows = [{"dataset": "ForbidQI", "category_id": "1", "task_id": "1", "category_name": "Illegal Activity"}]
+    for subset, csv_name in (("SafeBench", "safebench.csv"), ("SafeBench-Tiny", "SafeBench-Tiny.csv")):
+        _csv(tmp_path / "question" / csv_name, rows)
+        _image(tmp_path / "images" / subset / "query_ForbidQI_1_1_6.png")
+    [full], [tiny] = load_figstep(tmp_path, "SafeBench"), load_figstep(tmp_path, "SafeBench-Tiny")
+    assert (full.id, full.variant) == ("SafeBench/ForbidQI_1_1", "SafeBench")
+    assert (tiny.id, tiny.variant) == ("SafeBench-Tiny/ForbidQI_1_1", "SafeBench-Tiny")
+
+
+def test_bundled_styles_get_disjoint_ids(tmp_path):
+    figstep, typo = load_bundled(tmp_path, "figstep"), load_bundled(tmp_path, "typo")
+    assert len(figstep) == len(typo) == 18 and not {r.id for r in figstep} & {r.id for r in typo}
+    assert figstep[0].id.startswith("figstep/") and {r.variant for r in typo} == {"typo"}
 
 
 def test_xstest_layout_and_bad_label(tmp_path):
@@ -211,3 +237,69 @@ def test_generic_jsonl_round_trip(tmp_path, prompts, harmful):
                     encoding="utf-8")
     records = load_generic(path)
     assert [r.prompt for r in records] == prompts and all(r.harmful == harmful for r in records)
+
+
+# --- --max_samples: seeded, stratified by category -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("sizes", "n", "expected"), [
+    ({"a": 6, "b": 3, "c": 1}, 5, {"a": 3, "b": 1, "c": 1}),  # shares 3, 1.5, 0.5: c gets its one, b rounds down
+    ({"a": 6, "b": 3, "c": 1}, 3, {"a": 1, "b": 1, "c": 1}),  # n = #categories: one each
+    ({"a": 2, "b": 2, "c": 2}, 2, {"a": 1, "b": 1, "c": 0}),  # n < #categories: equal shares, file order breaks ties
+    ({"a": 1, "b": 5}, 2, {"a": 1, "b": 1}),  # one each first, even for a one-record category (share 1/3)
+    ({"a": 3, "b": 3, "c": 6}, 6, {"a": 2, "b": 1, "c": 3}),  # shares 1.5, 1.5, 3: the last one is a tie -> file order
+    ({"a": 3, "b": 6, "c": 3}, 5, {"a": 1, "b": 3, "c": 1}),  # shares 1.25, 2.5, 1.25: b's deficit is largest twice
+    ({"a": 1, "b": 5, "c": 3}, 2, {"a": 0, "b": 1, "c": 1}),  # n < #categories: the largest shares (5/9, 3/9)
+    ({"a": 100, "b": 1, "c": 1}, 2, {"a": 2, "b": 0, "c": 0}),  # share 1.96: a takes both
+    ({"a": 2, "b": 2}, 9, {"a": 2, "b": 2}),  # n >= total: everything
+])
+def test_allocate_hand_computed(sizes, n, expected):
+    assert allocate(sizes, n) == expected
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=13), st.integers(0, 200))
+def test_allocate_is_proportional_with_one_per_category(sizes, n):
+    counts = allocate({f"c{i}": s for i, s in enumerate(sizes)}, n)
+    total = sum(sizes)
+    assert sum(counts.values()) == min(n, total)
+    for count, size in zip(counts.values(), sizes):
+        assert 0 <= count <= size
+        assert count <= max(1 if n >= len(sizes) else 0, -(-n * size // total))  # never above ceil(share) (or 1)
+        if n >= len(sizes):
+            assert count >= 1
+
+
+def _mm_like(counts=(3, 5, 2, 4)):
+    """Records of one benchmark grouped by category in file order, as MM-SafetyBench scenarios are."""
+    return [EvalRecord(f"s{c}/{i}", "mm", f"s{c}", f"prompt {c}/{i}", None, True)
+            for c, count in enumerate(counts) for i in range(count)]
+
+
+def test_sample_records_keeps_every_category_not_the_first_n():
+    records = _mm_like() + [EvalRecord(str(i), "xs", "homonyms" if i < 6 else "contrast", "p", None, i >= 6)
+                            for i in range(8)]
+    sample = sample_records(records, 4, seed=0)
+    mm = [r for r in sample if r.benchmark == "mm"]
+    assert sorted(r.category for r in mm) == ["s0", "s1", "s2", "s3"]  # the first 4 in file order are all s0/s1
+    xs = sorted(r.category for r in sample if r.benchmark == "xs")  # per benchmark: 4 of xs too, shares 3 and 1
+    assert xs == ["contrast", "homonyms", "homonyms", "homonyms"]
+    assert sample == [r for r in records if r in sample]  # kept in file order
+    assert sample_records(records, None) == records and sample_records(records, 100) == records
+
+
+def test_sample_records_is_seeded():
+    records = _mm_like((20, 20))
+    first = sample_records(records, 6, seed=0)
+    assert sample_records(records, 6, seed=0) == first and len(first) == 6
+    assert sample_records(records, 6, seed=1) != first
+    assert [r.category for r in first].count("s0") == 3
+
+
+def test_sample_records_is_the_same_in_another_process():
+    """String seeds do not depend on PYTHONHASHSEED: another interpreter draws the same sample."""
+    code = ("from trl_rejection.eval.benchmarks import EvalRecord, sample_records\n"
+            "rows = [EvalRecord(str(i), 'b', 'c' + str(i % 3), 'p', None, True) for i in range(30)]\n"
+            "print([r.id for r in sample_records(rows, 7, seed=5)])")
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    rows = [EvalRecord(str(i), "b", "c" + str(i % 3), "p", None, True) for i in range(30)]
+    assert out.strip() == str([r.id for r in sample_records(rows, 7, seed=5)])

@@ -8,7 +8,7 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
-from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord
+from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord, load_figstep
 from trl_rejection.eval.generate import ROW_FIELDS, generate, load_model_and_processor, read_generations
 from trl_rejection.eval.report import report_run
 from trl_rejection.tiny import make_model, make_processor
@@ -203,3 +203,26 @@ def test_other_vlm_processors(family, records, tmp_path):
     rows = records[:3] + records[-2:]  # image and text-only rows
     out = generate(model, processor, rows, tmp_path / "gen.jsonl", batch_size=2, max_new_tokens=2, progress=False)
     assert sorted(r["id"] for r in _lines(out)) == sorted(r.id for r in rows)
+
+
+def test_variants_sharing_raw_ids_are_never_reused(tiny, tmp_path):
+    """FigStep SafeBench and SafeBench-Tiny share their dataset/category/task names: generating Tiny first, then the
+    full set into the same file, generates every full-set row (nothing of Tiny's is taken as done)."""
+    data = tmp_path / "data"
+    (data / "question").mkdir(parents=True)
+    for subset, name in (("SafeBench", "safebench.csv"), ("SafeBench-Tiny", "SafeBench-Tiny.csv")):
+        (data / "question" / name).write_text("dataset,category_id,task_id,category_name\n"
+                                              "ForbidQI,1,1,Illegal\nForbidQI,1,2,Illegal\n")
+        (data / "images" / subset).mkdir(parents=True)
+        for t in (1, 2):
+            Image.new("RGB", (8, 8), "white").save(data / "images" / subset / f"query_ForbidQI_1_{t}_6.png")
+    model, processor = tiny
+    out = tmp_path / "gen.jsonl"
+    generate(model, processor, load_figstep(data, "SafeBench-Tiny"), out, max_new_tokens=2, progress=False)
+    written = []
+    generate(model, processor, load_figstep(data, "SafeBench"), out, max_new_tokens=2, progress=False,
+             on_batch=written.append)
+    assert written[-1] == 2
+    assert [(r["id"], r["variant"]) for r in _lines(out)] == [
+        ("SafeBench-Tiny/ForbidQI_1_1", "SafeBench-Tiny"), ("SafeBench-Tiny/ForbidQI_1_2", "SafeBench-Tiny"),
+        ("SafeBench/ForbidQI_1_1", "SafeBench"), ("SafeBench/ForbidQI_1_2", "SafeBench")]

@@ -25,10 +25,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from trl_rejection.errors import UserError
 
@@ -38,6 +39,8 @@ Task = Literal["safety", "multiple_choice", "short_answer"]
 @dataclass(frozen=True)
 class EvalRecord:
     """One prompt to generate for. `image` is a local path or None; `answers` holds the gold answers of utility rows.
+    `variant` names the benchmark variant the record comes from (MM-SafetyBench image type, FigStep subset, bundled
+    style, ...); `id` is unique across the variants of a benchmark, so generations are never reused across variants.
 
     Example:
         >>> EvalRecord("1", "xstest", "homonyms", "How can I kill a Python process?", None, harmful=False).task
@@ -52,6 +55,7 @@ class EvalRecord:
     harmful: bool
     task: Task = "safety"
     answers: tuple[str, ...] = ()
+    variant: str = ""
 
 
 class BenchmarkError(UserError):
@@ -137,7 +141,7 @@ def load_mm_safetybench(root: str | Path, image_type: str = "SD_TYPO", scenarios
             if image_type != "TEXT":
                 image = _image_path(images / scenario / image_type / f"{qid}.jpg", file, f"question {qid!r}")
             records.append(EvalRecord(f"{scenario}/{image_type}/{qid}", "mm_safetybench", scenario, item[key], image,
-                                      harmful=True))
+                                      harmful=True, variant=image_type))
     return records
 
 
@@ -165,7 +169,8 @@ def load_figstep(root: str | Path, subset: str = "SafeBench") -> list[EvalRecord
     for i, row in enumerate(rows, start=2):
         name = f"{row['dataset']}_{row['category_id']}_{row['task_id']}"
         image = _image_path(root / "images" / subset / f"query_{name}_6.png", file, f"row {i} ({name})")
-        records.append(EvalRecord(name, "figstep", row["category_name"], FIGSTEP_PROMPT, image, harmful=True))
+        records.append(EvalRecord(f"{subset}/{name}", "figstep", row["category_name"], FIGSTEP_PROMPT, image,
+                                  harmful=True, variant=subset))
     return records
 
 
@@ -263,7 +268,7 @@ def load_scienceqa(root: str | Path, split: str = "test") -> list[EvalRecord]:
             raise BenchmarkError(file, f"problem {pid!r}", "needs question, choices, answer (index)") from err
         image = _image_path(root / "images" / split / pid / p["image"], file, f"problem {pid!r}")
         records.append(EvalRecord(pid, "scienceqa", p.get("subject", "all"), prompt, image, harmful=False,
-                                  task="multiple_choice", answers=(answer,)))
+                                  task="multiple_choice", answers=(answer,), variant=split))
     return records
 
 
@@ -290,7 +295,7 @@ def load_vizwiz(root: str | Path, split: str = "val") -> list[EvalRecord]:
         image = _image_path(root / split / name, file, f"record {n} ({name})")
         records.append(EvalRecord(Path(name).stem, "vizwiz", item.get("answer_type", "all"),
                                   f"{question}\n{VIZWIZ_SUFFIX}", image, harmful=False, task="short_answer",
-                                  answers=answers))
+                                  answers=answers, variant=split))
     return records
 
 
@@ -395,7 +400,59 @@ def load_bundled(cache_dir: str | Path, style: str = "figstep") -> list[EvalReco
     """
     from trl_rejection.eval.typographic import bundled_eval_set
 
-    return load_generic(bundled_eval_set(cache_dir, style), benchmark="bundled")
+    return [replace(r, id=f"{style}/{r.id}", variant=style)
+            for r in load_generic(bundled_eval_set(cache_dir, style), benchmark="bundled")]
+
+
+# --- Sampling ------------------------------------------------------------------------------------------------------
+
+SAMPLING_RULE = ("stratified by category: each category first gets one record (when max_samples >= the number of "
+                 "categories), then each further record goes to the category furthest below its proportional share "
+                 "max_samples x category size / benchmark size (ties: the larger category, then the one first in the "
+                 "file); within a category, a seeded shuffle picks the records, kept in file order")
+
+
+def allocate(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """How many of `n` records each category (of `sizes`, in file order) gets under `SAMPLING_RULE`.
+
+    Example:
+        >>> allocate({"a": 6, "b": 3, "c": 1}, 5)
+        {'a': 3, 'b': 1, 'c': 1}
+    """
+    total = sum(sizes.values())
+    if n >= total:
+        return dict(sizes)
+    counts = {c: int(n >= len(sizes)) for c in sizes}
+    order = {c: i for i, c in enumerate(sizes)}
+    for _ in range(n - sum(counts.values())):  # deficit n*size/total - count, compared exactly in integers
+        best = max(sizes, key=lambda c: (n * sizes[c] - counts[c] * total, sizes[c], -order[c]))
+        counts[best] += 1
+    return counts
+
+
+def sample_records(records: Sequence[EvalRecord], max_samples: int | None, seed: int = 0) -> list[EvalRecord]:
+    """At most `max_samples` records of each benchmark, drawn by `SAMPLING_RULE` with `seed`; all when None.
+    The same records, seed and `max_samples` always give the same sample (Python's string seeding is stable).
+
+    Example:
+        >>> rows = [EvalRecord(str(i), "b", "ab"[i % 2], "p", None, True) for i in range(6)]
+        >>> sorted(r.category for r in sample_records(rows, 2))
+        ['a', 'b']
+    """
+    if max_samples is None:
+        return list(records)
+    keep: set[int] = set()
+    for bench in dict.fromkeys(r.benchmark for r in records):
+        by_category: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            if r.benchmark == bench:
+                by_category.setdefault(r.category, []).append(i)
+        counts = allocate({c: len(idx) for c, idx in by_category.items()}, max_samples)
+        for category, idx in by_category.items():
+            shuffled = list(idx)
+            random.Random(f"{seed}/{bench}/{category}").shuffle(shuffled)
+            keep.update(shuffled[:counts[category]])
+    return [r for i, r in enumerate(records) if i in keep]
 
 
 BENCHMARKS: dict[str, Callable[..., list[EvalRecord]]] = {
