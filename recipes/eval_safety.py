@@ -5,19 +5,27 @@
     python recipes/eval_safety.py --config recipes/configs/eval_paper.yaml --adapter_path runs/sft/checkpoint-final
     python recipes/eval_safety.py --compare runs/eval_base runs/eval_trained --output_dir runs/compare
 
-A run folder (`output_dir`) gets generations.jsonl (resumable: re-run the same command after an interruption),
-scored.jsonl, metrics.json, report.md and asr_by_category.png. `--model_name_or_path tiny-llava` uses the tiny
-random LLaVA of `trl_rejection.tiny` for a dry run. See docs/evaluation.md for the benchmark folder layouts.
+A run folder (`output_dir`) gets run_config.json (every setting that changes a generation), generations.jsonl
+(resumable: re-run the same command after an interruption), scored.jsonl, metrics.json, report.md and
+asr_by_category.png. A rerun into the folder with other generation settings is refused; one that changes only the
+judge re-scores the generations without loading the model. `--model_name_or_path tiny-llava` uses the tiny random
+LLaVA of `trl_rejection.tiny` for a dry run. See docs/evaluation.md for the benchmark folder layouts.
 """
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
+import trl_rejection
 from trl_rejection.errors import UserError, user_errors
-from trl_rejection.eval.benchmarks import load_benchmark
-from trl_rejection.eval.generate import generate, load_model_and_processor
-from trl_rejection.eval.report import compare_runs, markdown_table, report_run
+from trl_rejection.eval.benchmarks import MM_SAFETYBENCH_QUESTION, SAMPLING_RULE, EvalRecord, load_benchmark, \
+    sample_records
+from trl_rejection.eval.generate import generate, load_model_and_processor, read_generations
+from trl_rejection.eval.report import compare_runs, markdown_table, report_run, setting_differences
 from trl_rejection.io import atomic_write_text, check_work_dir
 from trl_rejection.parsing import StrictTrlParser
 
@@ -41,8 +49,11 @@ class EvalSafetyArguments:
     vizwiz_dir: str = field(default="data/VizWiz", metadata={"help": "Folder with val.json and val/."})
     generic_paths: list[str] = field(default_factory=list, metadata={"help": "Generic-layout files or folders."})
     bundled_style: str = field(default="figstep", metadata={"help": "figstep or typo rendering of the bundled set."})
-    max_samples: int | None = field(default=None, metadata={"help": "Keep the first N records of each benchmark."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    max_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate at most N records of each benchmark, sampled with --sample_seed, stratified by category."})
+    sample_seed: int = field(default=0, metadata={"help": "Seed of the --max_samples sample."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Prompts per generate call (recorded; may change between resumes: see docs/evaluation.md)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length."})
     judge: str = field(default="paper", metadata={
         "help": "paper, xstest, gcg, vlguard (string match) or a local Llama Guard folder."})
@@ -51,8 +62,8 @@ class EvalSafetyArguments:
     compare: list[str] | None = field(default=None, metadata={"help": "Two scored run folders to put side by side."})
 
 
-def load_records(args: EvalSafetyArguments) -> list:
-    """The records of every requested benchmark, each cut to `max_samples`."""
+def load_records(args: EvalSafetyArguments) -> tuple[list[EvalRecord], list[EvalRecord]]:
+    """The records of every requested benchmark, all of them and those kept by `--max_samples` (`sample_records`)."""
     sources = {
         "bundled": (Path(args.output_dir) / "bundled", {"style": args.bundled_style}),
         "mm_safetybench": (args.mm_safetybench_dir, {"image_type": args.mm_safetybench_image_type}),
@@ -73,23 +84,135 @@ def load_records(args: EvalSafetyArguments) -> list:
             loaded = load_benchmark(name, path, **options)
         else:
             raise UserError(f"unknown benchmark {name!r}. Fix: choose from {sorted(sources) + ['generic']}")
-        records += loaded[: args.max_samples]
-    return records
+        records += loaded
+    return records, sample_records(records, args.max_samples, args.sample_seed)
 
 
-def check_run_config(args: EvalSafetyArguments) -> None:
-    """Refuse to resume a run folder that holds another model's generations."""
-    file = Path(args.output_dir) / "run_config.json"
-    current = {k: getattr(args, k) for k in ("model_name_or_path", "adapter_path", "max_new_tokens")}
-    if file.exists() and (previous := json.loads(file.read_text())) != current:
-        raise UserError(f"{args.output_dir} holds generations made with {previous}, not {current}. Fix: "
-                        "choose another --output_dir or delete that folder")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(file, json.dumps(current, indent=2) + "\n")
+def fingerprint(path: str | None) -> str | None:
+    """A sha256 over a local folder's (or file's) files: content for files up to 256 MiB, name, size and mtime for
+    larger ones (weights retrained in place change their mtime). None for a Hub id or the tiny model."""
+    if not path or not os.path.exists(path):
+        return None
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root) if file != root else file.name}:{stat.st_size}\n".encode())
+        if stat.st_size <= 256 << 20:
+            with file.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()
 
 
-def run_generation(args: EvalSafetyArguments, records: list) -> None:
-    """Load the model (and adapter) and write, or finish, `<output_dir>/generations.jsonl`."""
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def generation_settings(args: EvalSafetyArguments, records: list[EvalRecord]) -> dict[str, Any]:
+    """Every setting that changes a generation, keyed by its flag: a rerun into the folder must match all of them.
+
+    Not here, on purpose: the judge (scoring only) and `batch_size` / `device` (recorded, not compared: batching and
+    hardware change greedy outputs only through floating-point rounding, and a smaller batch after running out of
+    memory must be able to resume). Per benchmark, `records` holds the count and a sha256 of the sampled records'
+    ids, prompts, labels and answers, so edited benchmark files are caught too.
+    """
+    def local(path: str | None) -> str | None:
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+
+    benches = set(args.benchmarks)
+    by_bench: dict[str, list[EvalRecord]] = {}
+    for r in records:
+        by_bench.setdefault(r.benchmark, []).append(r)
+    settings: dict[str, Any] = {
+        "model_name_or_path": local(args.model_name_or_path), "model_fingerprint": fingerprint(args.model_name_or_path),
+        "adapter_path": local(args.adapter_path), "adapter_fingerprint": fingerprint(args.adapter_path),
+        "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
+        "benchmarks": sorted(benches), "max_samples": args.max_samples,
+        "sample_seed": args.sample_seed if args.max_samples is not None else None}
+    if "mm_safetybench" in benches:
+        settings.update(mm_safetybench_dir=local(args.mm_safetybench_dir),
+                        mm_safetybench_image_type=args.mm_safetybench_image_type,
+                        mm_safetybench_question_field=MM_SAFETYBENCH_QUESTION.get(args.mm_safetybench_image_type))
+    if "figstep" in benches:
+        settings.update(figstep_dir=local(args.figstep_dir), figstep_subset=args.figstep_subset)
+    if "bundled" in benches:
+        settings["bundled_style"] = args.bundled_style
+    for bench in ("xstest", "vlguard", "scienceqa", "vizwiz"):
+        if bench in benches:
+            flag = "xstest_path" if bench == "xstest" else f"{bench}_dir"
+            settings[flag] = local(getattr(args, flag))
+    if "generic" in benches:
+        settings["generic_paths"] = [local(p) for p in args.generic_paths]
+    settings["records"] = {
+        bench: {"n": len(rows), "sha256": hashlib.sha256(json.dumps(
+            [[r.variant, r.id, r.category, r.prompt, r.harmful, r.task, list(r.answers)] for r in rows]).encode())
+            .hexdigest()} for bench, rows in sorted(by_bench.items())}
+    settings["versions"] = {"torch": _version("torch"), "transformers": _version("transformers"),
+                            "trl_rejection": trl_rejection.__version__,
+                            **({"peft": _version("peft")} if args.adapter_path else {})}
+    return settings
+
+
+def run_config(args: EvalSafetyArguments, everything: list[EvalRecord], kept: list[EvalRecord]) -> dict[str, Any]:
+    """The content of `<output_dir>/run_config.json`: `generation` (compared on reruns), `scoring` (may change:
+    re-scores only), `sampling` (how `--max_samples` drew the records) and `recorded` (batch size, device)."""
+    sampling: dict[str, Any] = {"max_samples": args.max_samples}
+    if args.max_samples is not None:
+        sampling.update(seed=args.sample_seed, rule=SAMPLING_RULE, benchmarks={
+            bench: {"kept": sum(r.benchmark == bench for r in kept),
+                    "of": sum(r.benchmark == bench for r in everything)}
+            for bench in dict.fromkeys(r.benchmark for r in everything)})
+    return {"generation": generation_settings(args, kept),
+            "scoring": {f.name: getattr(args, f.name) for f in fields(args) if "judge" in f.name},
+            "sampling": sampling,
+            "recorded": {"batch_size": [args.batch_size], "device": args.device or "auto"}}
+
+
+def check_run_config(output_dir: str, config: dict[str, Any]) -> str | None:
+    """Refuse a run folder whose generations were made with other generation settings (`UserError` naming them and
+    the fix); otherwise write `config` there. Returns a note when only the scoring settings changed."""
+    out = Path(output_dir)
+    file, generations = out / "run_config.json", out / "generations.jsonl"
+    fix = f"Fix: pass another --output_dir (or delete {output_dir} to start over)"
+    previous = json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
+    if previous is None and generations.exists() and generations.stat().st_size:
+        raise UserError(f"{generations} has no run_config.json beside it, so its settings are unknown. {fix}")
+    if previous is not None and "generation" not in previous:
+        raise UserError(f"{file} was written by an earlier trl-rejection that recorded only {sorted(previous)}; the "
+                        f"other settings of its generations are unknown. {fix}")
+    note = None
+    if previous is not None:
+        old, new = ({k: v for k, v in c["generation"].items() if k != "records"} for c in (previous, config))
+        short = [{b: {**r, "sha256": r["sha256"][:12]} for b, r in c["generation"].get("records", {}).items()}
+                 for c in (previous, config)]
+        changed = setting_differences(old, new) or [  # same flags, other records: the benchmark files were edited
+            f"{line} (the benchmark files changed)" for line in setting_differences(*short, "records.")]
+        if changed:
+            raise UserError(f"{output_dir} holds generations made with other settings ({'; '.join(changed)}). {fix}; "
+                            "changing only the judge re-scores without regenerating")
+        if judge_changes := setting_differences(previous.get("scoring"), config["scoring"]):
+            note = (f"judge settings changed ({'; '.join(judge_changes)}): re-scoring the existing generations "
+                    "(judging does not change generations)")
+        sizes = previous.get("recorded", {}).get("batch_size", [])
+        config["recorded"]["batch_size"] = sizes + [s for s in config["recorded"]["batch_size"] if s not in sizes]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(file, json.dumps(config, indent=2) + "\n")
+    return note
+
+
+def run_generation(args: EvalSafetyArguments, records: list[EvalRecord]) -> None:
+    """Load the model (and adapter) and write, or finish, `<output_dir>/generations.jsonl`; without loading the model
+    when every record already has its generation."""
+    done = {(row["benchmark"], row["id"]) for row in read_generations(Path(args.output_dir) / "generations.jsonl")}
+    if all((r.benchmark, r.id) in done for r in records):
+        print(f"All {len(records)} generations are in {args.output_dir}: scoring only")
+        return
     model, processor = load_model_and_processor(args.model_name_or_path, args.adapter_path, args.dtype, args.device)
     generate(model, processor, records, Path(args.output_dir) / "generations.jsonl", batch_size=args.batch_size,
              max_new_tokens=args.max_new_tokens)
@@ -112,8 +235,10 @@ def main(args: EvalSafetyArguments) -> None:
         return
     if not args.model_name_or_path:
         raise UserError("no model given. Fix: set --model_name_or_path (a local folder, a Hub id, or tiny-llava)")
-    check_run_config(args)
-    run_generation(args, load_records(args))  # the model is freed on return, before a judge model loads
+    everything, records = load_records(args)
+    if note := check_run_config(args.output_dir, run_config(args, everything, records)):
+        print(note)
+    run_generation(args, records)  # the model is freed on return, before a judge model loads
     title = args.model_name_or_path + (f" + {args.adapter_path}" if args.adapter_path else "")
     print(markdown_table(report_run(args.output_dir, judge=args.judge, title=title)))
     print(f"\nWrote {args.output_dir}/report.md, metrics.json, asr_by_category.png and scored.jsonl")

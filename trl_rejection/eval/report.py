@@ -1,8 +1,9 @@
-"""Score generations and report: metrics JSON, a Markdown table and a bar chart of ASR per category; or two runs
-(base vs trained) side by side.
+"""Score generations and report: metrics JSON, a Markdown table and a chart of ASR and over-refusal per benchmark and
+category (every number with its n); or two runs (base vs trained) side by side.
 
-A run folder holds `generations.jsonl` (from `generate`), and after `report_run`: `scored.jsonl` (each row with its
-judge `label` or utility `score`), `metrics.json`, `report.md` and `asr_by_category.png`.
+A run folder holds `run_config.json` and `generations.jsonl` (from `recipes/eval_safety.py` / `generate`), and after
+`report_run`: `scored.jsonl` (each row with its judge `label` or utility `score`), `metrics.json`, `report.md` and
+`asr_by_category.png`. A cell a run never evaluated is "n/a" in comparisons and has no bar: missing is not zero.
 
 Example:
     >>> metrics = report_run("runs/base")  # doctest: +SKIP
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Sequence
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trl_rejection.eval.generate import read_generations
+from trl_rejection.eval.generate import TINY_MODEL, read_generations
 from trl_rejection.eval.utility import score_utility
 from trl_rejection.io import atomic_write_bytes, atomic_write_text
 from trl_rejection.metrics.judge import PhraseList, classify, get_judge
@@ -125,56 +127,202 @@ def markdown_table(metrics: Metrics) -> str:
     return "\n".join(lines)
 
 
+MISSING = "n/a"  # a cell one run of a comparison never evaluated: not zero
+
+
 def markdown_comparison(a: Metrics, b: Metrics, names: tuple[str, str] = ("base", "trained")) -> str:
-    """Two runs side by side: each metric for run A, then run B, per benchmark and category.
+    """Two runs side by side: each metric for run A, then run B, per benchmark and category. A cell one run has and
+    the other never evaluated reads "n/a" (missing is not zero); a metric neither run has stays empty.
 
     Example:
         >>> a = {"b": {"utility": {"accuracy": 0.5, "total": 2, "per_category": {}}}}
         >>> markdown_comparison(a, a).splitlines()[2]
         '| b | all |  |  |  |  | 50.0% (n=2) | 50.0% (n=2) |'
+        >>> markdown_comparison(a, {}).splitlines()[2]
+        '| b | all |  |  |  |  | 50.0% (n=2) | n/a |'
     """
     cells_a, cells_b = _cells(a), _cells(b)
     header = " | ".join(f"{title} {name}" for _, title in _COLUMNS for name in names)
     lines = [f"| benchmark | category | {header} |", "|---" * (2 + 2 * len(_COLUMNS)) + "|"]
     for key in sorted(cells_a.keys() | cells_b.keys(), key=lambda k: (k[0], k[1] != "all", k[1])):
-        row = " | ".join(cells.get(key, {}).get(k, "") for k, _ in _COLUMNS for cells in (cells_a, cells_b))
-        lines.append(f"| {key[0]} | {key[1]} | {row} |")
+        row = []
+        for k, _ in _COLUMNS:
+            pair = (cells_a.get(key, {}).get(k), cells_b.get(key, {}).get(k))
+            row += ["", ""] if pair == (None, None) else [cell or MISSING for cell in pair]
+        lines.append(f"| {key[0]} | {key[1]} | {' | '.join(row)} |")
     return "\n".join(lines)
 
 
-def plot_asr(runs: dict[str, Metrics], path: str | Path) -> Path:
-    """A horizontal bar chart of ASR per benchmark/category, one bar per run (grouped when several); PNG, Agg.
+_PANELS = (("attack_success_rate", "attack_success_rate", "ASR ↓ (full compliance / harmful prompts)"),
+           ("over_refusal", "over_refusal_rate", "over-refusal ↓ (full + partial refusals / safe prompts)"))
+Cell = tuple[float, int]  # (rate, n) of one chart bar
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a rate `successes / n` (honest at 0 % and small n).
+
+    Example:
+        >>> [round(x, 3) for x in wilson_interval(0, 5)]
+        [0.0, 0.434]
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate(metrics: Metrics, key: str, rate: str, bench: str, category: str) -> Cell | None:
+    """(rate, n) of one cell, category "all" = the benchmark overall; None when the run has no such prompts."""
+    entry = metrics.get(bench, {}).get(key)
+    part = entry if entry is not None and category == "all" else (entry or {}).get("per_category", {}).get(category)
+    return None if part is None else (part[rate], part["total"])
+
+
+def chart_panels(runs: dict[str, Metrics]) -> list[tuple[str, list[tuple[str, str]], dict[str, list[Cell | None]]]]:
+    """What `plot_asr` draws: per panel (ASR, over-refusal) its title, its rows (benchmark, category; "all" = the
+    benchmark overall, first) and per run one (rate, n) per row, None where the run never evaluated it (no bar).
+
+    Example:
+        >>> m = {"b": {"over_refusal": {"over_refusal_rate": 0.5, "total": 2, "per_category": {}}}}
+        >>> chart_panels({"base": m, "trained": {}})[0][1:]
+        ([('b', 'all')], {'base': [(0.5, 2)], 'trained': [None]})
+    """
+    panels = []
+    for key, rate, title in _PANELS:
+        rows = sorted({(b, c) for m in runs.values() for b, entry in m.items() if key in entry
+                       for c in ("all", *entry[key].get("per_category", {}))},
+                      key=lambda k: (k[0], k[1] != "all", k[1]))
+        if rows:
+            panels.append((title, rows, {name: [_rate(m, key, rate, b, c) for b, c in rows]
+                                         for name, m in runs.items()}))
+    return panels
+
+
+def plot_asr(runs: dict[str, Metrics], path: str | Path, footnote: str = "", warning: str = "") -> Path:
+    """Two panels, ASR and over-refusal, one row per benchmark (overall) and category, one bar per run (legend: the
+    run names, e.g. models). Every bar is labelled with its rate and n and has a 95 % Wilson whisker; a cell a run
+    never evaluated has no bar and reads "n/a". `warning` goes in red under the title (a random-weight dry run),
+    `footnote` under the chart (judge, sampling). PNG, Agg.
 
     Example:
         >>> plot_asr({"base": base_metrics, "trained": trained_metrics}, "asr.png")  # doctest: +SKIP
     """
-    keys = sorted({(bench, cat) for m in runs.values() for bench, entry in m.items() if "attack_success_rate" in entry
-                   for cat in entry["attack_success_rate"].get("per_category", {})})
-    fig = Figure(figsize=(8, 1.5 + 0.35 * max(1, len(keys)) * len(runs)))
+    panels = chart_panels(runs)
+    height_rows = max([len(rows) for _, rows, _ in panels] or [1]) * len(runs)
+    fig = Figure(figsize=(7 * max(1, len(panels)), 2.2 + 0.28 * height_rows + 0.18 * footnote.count("\n")))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     height = 0.8 / max(1, len(runs))
-    for i, (name, metrics) in enumerate(runs.items()):
-        values = [metrics.get(b, {}).get("attack_success_rate", {}).get("per_category", {}).get(c, {})
-                  .get("attack_success_rate", 0.0) for b, c in keys]
-        bars = ax.barh([k + i * height for k in range(len(keys))], values, height=height, label=name)
-        ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], padding=2, fontsize=8)
-    ax.set_yticks([k + height * (len(runs) - 1) / 2 for k in range(len(keys))], [f"{b} / {c}" for b, c in keys])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("attack success rate (full compliance / harmful prompts)")
-    ax.set_title("ASR per category")
-    if len(runs) > 1:
-        ax.legend()
-    fig.tight_layout()
+    for p, (title, rows, by_run) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        for i, (name, cells) in enumerate(by_run.items()):
+            ys = [k + i * height for k in range(len(rows))]
+            shown = [(y, cell) for y, cell in zip(ys, cells) if cell is not None]
+            color = f"C{i}"
+            if shown:
+                values = [v for _, (v, _) in shown]
+                low_high = [wilson_interval(round(v * n), n) for _, (v, n) in shown]
+                errors = [[v - lo for v, (lo, _) in zip(values, low_high)],
+                          [hi - v for v, (_, hi) in zip(values, low_high)]]
+                bars = ax.barh([y for y, _ in shown], values, height=height, color=color, xerr=errors,
+                               error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.3"},
+                               label=name if p == 0 else None)
+                ax.bar_label(bars, labels=[f"{v:.0%} (n={n})" for _, (v, n) in shown], padding=3, fontsize=7)
+            elif p == 0:
+                ax.barh([], [], color=color, label=name)
+            for y, cell in zip(ys, cells):
+                if cell is None:
+                    ax.text(0.01, y, MISSING + " (not evaluated)", va="center", fontsize=7, color="0.4")
+        ax.set_yticks([k + height * (len(runs) - 1) / 2 for k in range(len(rows))],
+                      [f"{b} (all)" if c == "all" else f"{b} / {c}" for b, c in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.25)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
+        ax.set_title(title, fontsize=10)
+    if not panels:
+        fig.add_subplot().text(0.5, 0.5, "no safety prompts in these runs", ha="center")
+    fig.suptitle(" vs ".join(runs), fontsize=11)
+    if warning:
+        fig.text(0.5, 0.925, warning, ha="center", va="top", fontsize=9, color="red", weight="bold")
+    if panels:
+        fig.legend(loc="lower right", fontsize=8, title="run", title_fontsize=8)
+    footnote = (footnote + "\n" if footnote else "") + "bars: rate (n = prompts); whiskers: 95% Wilson interval"
+    fig.text(0.01, 0.005, footnote, fontsize=7, va="bottom", ha="left", wrap=True)
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * (footnote.count("\n") + 1), 1, 0.9 if warning else 0.95))
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=120, format="png")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
 
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """`<run_dir>/run_config.json` (written by `recipes/eval_safety.py`), or None for a run folder without one."""
+    file = Path(run_dir) / "run_config.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
+
+
+def setting_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`name old -> new` for each differing setting of two (nested) settings dicts, nested names joined with dots.
+
+    Example:
+        >>> setting_differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+        ['b.c 2 -> 3']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in dict.fromkeys([*old, *new])
+                for line in setting_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
+
+
+def _judges(metrics: Metrics) -> list[str]:
+    """The judges named in a run's metrics (string match, its normalized variant, a guard model)."""
+    return sorted({part["judge"] for entry in metrics.values() for part in entry.values()
+                   if isinstance(part, dict) and "judge" in part})
+
+
+def run_notes(config: dict[str, Any] | None, metrics: Metrics, name: str = "") -> list[str]:
+    """Warnings a reader must see beside the numbers: a random-weight dry run, a sample, the judge used."""
+    prefix = f"{name}: " if name else ""
+    generation = (config or {}).get("generation", {})
+    notes = []
+    if generation.get("model_name_or_path") == TINY_MODEL:
+        notes.append(f"{prefix}RANDOM-WEIGHT DRY RUN ({TINY_MODEL}): these numbers test the pipeline, not a model; a "
+                     "low ASR here does not mean safe")
+    sampling = (config or {}).get("sampling", {})
+    if sampling.get("max_samples") is not None:
+        kept = ", ".join(f"{b} {c['kept']} of {c['of']}" for b, c in sampling.get("benchmarks", {}).items())
+        notes.append(f"{prefix}sampled: at most {sampling['max_samples']} prompts per benchmark ({kept}), seed "
+                     f"{sampling.get('seed')}, stratified by category")
+    if judges := _judges(metrics):
+        notes.append(f"{prefix}judge: {', '.join(judges)}" + (" (string match: not comparable with GPT-4-judged "
+                     "ASR; see docs/evaluation.md)" if all(j.startswith("string_match") for j in judges) else ""))
+    return notes
+
+
+def settings_markdown(config: dict[str, Any] | None) -> str:
+    """The run's settings as a Markdown list (from run_config.json), or a line saying they were not recorded."""
+    if not config or "generation" not in config:
+        return "Settings: not recorded (no run_config.json in the run folder)."
+    lines = ["## Settings", ""]
+    for key, value in config["generation"].items():
+        if key == "records":
+            value = ", ".join(f"{b} n={r['n']} (sha256 {r['sha256'][:12]})" for b, r in value.items())
+        elif key == "versions":
+            value = ", ".join(f"{p} {v}" for p, v in value.items())
+        lines.append(f"- {key}: {value}")
+    sampling = config.get("sampling", {})
+    if sampling.get("max_samples") is None:
+        lines.append("- sampling: none (every record of each benchmark)")
+    else:
+        lines.append(f"- sampling: at most {sampling['max_samples']} per benchmark, seed {sampling.get('seed')}; "
+                     f"{sampling.get('rule')}")
+    lines += [f"- {key}: {value}" for key, value in {**config.get("scoring", {}), **config.get("recorded", {})}.items()]
+    return "\n".join(lines)
+
+
 def report_run(run_dir: str | Path, judge: str | PhraseList | Any = None, title: str | None = None) -> Metrics:
-    """Score `<run_dir>/generations.jsonl` and write scored.jsonl, metrics.json, report.md and asr_by_category.png.
+    """Score `<run_dir>/generations.jsonl` and write scored.jsonl, metrics.json, report.md (table with n per cell,
+    warnings, settings from run_config.json) and asr_by_category.png.
 
     Example:
         >>> report_run("runs/base")["xstest"]["over_refusal"]["over_refusal_rate"]  # doctest: +SKIP
@@ -188,14 +336,20 @@ def report_run(run_dir: str | Path, judge: str | PhraseList | Any = None, title:
     atomic_write_text(run / "scored.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
     metrics = compute_metrics(scored)
     atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    atomic_write_text(run / "report.md", f"# {title or run.name}\n\n{markdown_table(metrics)}\n")
-    plot_asr({title or run.name: metrics}, run / "asr_by_category.png")
+    config, title = read_run_config(run), title or run.name
+    notes = run_notes(config, metrics)
+    warnings = "".join(f"> **{note}**\n\n" if "DRY RUN" in note else f"> {note}\n\n" for note in notes)
+    atomic_write_text(run / "report.md", f"# {title}\n\n{warnings}{markdown_table(metrics)}\n\n"
+                      f"{settings_markdown(config)}\n")
+    plot_asr({title: metrics}, run / "asr_by_category.png", footnote="\n".join(n for n in notes if "DRY RUN" not in n),
+             warning="\n".join(n for n in notes if "DRY RUN" in n))
     return metrics
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path | None = None) -> str:
-    """Side-by-side Markdown of two scored runs (their metrics.json); with `out_dir`, also writes comparison.md and
-    comparison.png there. Returns the Markdown.
+    """Side-by-side Markdown of two scored runs (their metrics.json), "n/a" where one run never evaluated a cell,
+    with the runs' warnings and the generation settings that differ (from run_config.json); with `out_dir`, also
+    writes comparison.md and comparison.png there. Returns the Markdown.
 
     Example:
         >>> print(compare_runs("runs/base", "runs/trained"))  # doctest: +SKIP
@@ -203,16 +357,34 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path | Non
     names = (Path(run_a).name, Path(run_b).name)
     if names[0] == names[1]:
         names = (str(run_a), str(run_b))
-    loaded = []
+    loaded, configs = [], []
     for run in (run_a, run_b):
         file = Path(run) / "metrics.json"
         if not file.exists():
             raise FileNotFoundError(f"{file} not found; score the run first (eval_safety.py without --compare)")
         loaded.append(json.loads(file.read_text(encoding="utf-8")))
-    text = markdown_comparison(loaded[0], loaded[1], names)
+        configs.append(read_run_config(run))
+    notes = [note for name, config, metrics in zip(names, configs, loaded) for note in run_notes(config, metrics, name)]
+    if all(configs):
+        differ = setting_differences(*(c.get("generation", {}) for c in configs))
+        notes.append("generation settings that differ: " + ("; ".join(differ) if differ else "none"))
+    else:
+        notes.append("settings of " + " and ".join(n for n, c in zip(names, configs) if not c) + " not recorded "
+                     "(no run_config.json): check that both runs used the same benchmarks and settings")
+    text = markdown_comparison(loaded[0], loaded[1], names) + "\n\n" + "\n".join(f"- {note}" for note in notes)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "comparison.md", f"# {names[0]} vs {names[1]}\n\n{text}\n")
-        plot_asr(dict(zip(names, loaded)), out / "comparison.png")
+        models = [_model_name(c) for c in configs]
+        legend = {f"{name}: {model}" if model else name: m for name, model, m in zip(names, models, loaded)}
+        plot_asr(legend, out / "comparison.png", warning="\n".join(n for n in notes if "DRY RUN" in n),
+                 footnote="\n".join(n for n in notes if "DRY RUN" not in n and not n.startswith("generation")))
     return text
+
+
+def _model_name(config: dict[str, Any] | None) -> str | None:
+    """`model + adapter` of a run_config, for legends."""
+    generation = (config or {}).get("generation", {})
+    model, adapter = generation.get("model_name_or_path"), generation.get("adapter_path")
+    return model and model + (f" + {adapter}" if adapter else "")
