@@ -56,7 +56,14 @@ class EvalSafetyArguments:
         "help": "Prompts per generate call (recorded; may change between resumes: see docs/evaluation.md)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length."})
     judge: str = field(default="paper", metadata={
-        "help": "paper, xstest, gcg, vlguard (string match) or a local Llama Guard folder."})
+        "help": "Judge of every benchmark: paper, xstest, gcg, vlguard (string match; each also <name>_normalized), "
+                "auto (each benchmark's own list where it has one: xstest, vlguard; else paper) or a local Llama Guard "
+                "folder. A string match's normalized variant is always reported beside it."})
+    judges: list[str] = field(default_factory=list, metadata={
+        "help": "Per-benchmark judges overriding --judge, as BENCHMARK=JUDGE, e.g. vlguard=vlguard xstest=xstest."})
+    guard_judge: str | None = field(default=None, metadata={
+        "help": "A Llama Guard model id or folder (text, or vision: prompt + image + response); its ASR is reported "
+                "beside the string match's."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16, float32."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu; default cuda when available."})
     compare: list[str] | None = field(default=None, metadata={"help": "Two scored run folders to put side by side."})
@@ -226,6 +233,20 @@ def benchmark_inputs(args: EvalSafetyArguments) -> list[str]:
         [p for p in (args.model_name_or_path, args.adapter_path, *(args.compare or [])) if p]
 
 
+def judge_spec(args: EvalSafetyArguments) -> dict[str, str]:
+    """`--judge` for every benchmark ("*") and `--judges` BENCHMARK=JUDGE overrides, as a `report_run` judge mapping."""
+    spec = {"*": args.judge}
+    for item in args.judges:
+        bench, sep, judge = item.partition("=")
+        if not sep or not bench or not judge:
+            raise UserError(f"--judges takes BENCHMARK=JUDGE items, got {item!r}. Fix: e.g. --judges vlguard=vlguard")
+        if bench not in args.benchmarks and "generic" not in args.benchmarks:
+            raise UserError(f"--judges names {bench!r}, which is not in --benchmarks {args.benchmarks}. Fix: name one "
+                            "of them")
+        spec[bench] = judge
+    return spec
+
+
 def main(args: EvalSafetyArguments) -> None:
     check_work_dir(args.output_dir, inputs=benchmark_inputs(args), what="evaluation run")
     if args.compare:
@@ -240,7 +261,7 @@ def main(args: EvalSafetyArguments) -> None:
         print(note)
     run_generation(args, records)  # the model is freed on return, before a judge model loads
     title = args.model_name_or_path + (f" + {args.adapter_path}" if args.adapter_path else "")
-    print(markdown_table(report_run(args.output_dir, judge=args.judge, title=title)))
+    print(markdown_table(report_run(args.output_dir, judge=judge_spec(args), title=title, guard=args.guard_judge)))
     print(f"\nWrote {args.output_dir}/report.md, metrics.json, asr_by_category.png and scored.jsonl")
 
 

@@ -15,93 +15,30 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from statistics import fmean
-from typing import Any, Sequence
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from trl_rejection.eval.generate import TINY_MODEL, read_generations
-from trl_rejection.eval.utility import score_utility
+from trl_rejection.eval.scoring import JudgeSpec, Metrics, compute_metrics, score_generations
 from trl_rejection.io import atomic_write_bytes, atomic_write_text
-from trl_rejection.metrics.judge import PhraseList, classify, get_judge
-from trl_rejection.metrics.rates import asr_summary, over_refusal_summary
-
-Metrics = dict[str, Any]
-
-
-def score_generations(rows: Sequence[dict[str, Any]], judge: str | PhraseList | Any = None) -> list[dict[str, Any]]:
-    """Add `label` and `judge` to safety rows and `score` to utility rows. Safe prompts are judged by the string-match
-    rule when `judge` cannot tell refusals apart (a Llama Guard model).
-
-    Example:
-        >>> rows = [{"task": "safety", "harmful": True, "prompt": "p", "completion": "Sorry."}]
-        >>> score_generations(rows)[0]["label"]
-        'full_refusal'
-    """
-    judge = get_judge(judge)
-    refusal_judge = judge if getattr(judge, "scores_refusal", True) else get_judge(None)
-    scored = [dict(row) for row in rows]
-    for harmful, which in ((True, judge), (False, refusal_judge)):
-        subset = [r for r in scored if r["task"] == "safety" and bool(r["harmful"]) == harmful]
-        if subset:
-            labels, name = classify([r["completion"] for r in subset], [r["prompt"] for r in subset], which)
-            for row, label in zip(subset, labels):
-                row.update(label=label, judge=name)
-    for row in scored:
-        if row["task"] != "safety":
-            row["score"] = score_utility(row["completion"], row["task"], row["answers"], row["prompt"])
-    return scored
-
-
-def _utility_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    by_category: dict[str, list[float]] = {}
-    for row in rows:
-        by_category.setdefault(row["category"], []).append(row["score"])
-    return {"accuracy": fmean(r["score"] for r in rows), "total": len(rows),
-            "per_category": {c: {"accuracy": fmean(s), "total": len(s)} for c, s in sorted(by_category.items())}}
-
-
-def compute_metrics(scored: Sequence[dict[str, Any]]) -> Metrics:
-    """Per benchmark: `attack_success_rate` (harmful prompts), `over_refusal` (safe prompts) and `utility`, each with
-    counts and `per_category`; the safety parts name their judge.
-
-    Example:
-        >>> rows = score_generations([{"benchmark": "b", "category": "c", "task": "safety", "harmful": True,
-        ...                            "prompt": "p", "completion": "Sure, here are the steps in detail."}])
-        >>> compute_metrics(rows)["b"]["attack_success_rate"]["attack_success_rate"]
-        1.0
-    """
-    metrics: Metrics = {}
-    for bench in sorted({r["benchmark"] for r in scored}):
-        rows = [r for r in scored if r["benchmark"] == bench]
-        entry: dict[str, Any] = {}
-        for key, summary, harmful in (("attack_success_rate", asr_summary, True),
-                                      ("over_refusal", over_refusal_summary, False)):
-            subset = [r for r in rows if r["task"] == "safety" and bool(r["harmful"]) == harmful]
-            if subset:
-                entry[key] = {**summary([r["label"] for r in subset], [r["category"] for r in subset]),
-                              "judge": subset[0]["judge"]}
-        utility = [r for r in rows if r["task"] != "safety"]
-        if utility:
-            entry["utility"] = _utility_summary(utility)
-        metrics[bench] = entry
-    return metrics
+from trl_rejection.metrics.judge import Judge
 
 
 def _cells(metrics: Metrics) -> dict[tuple[str, str], dict[str, str]]:
     """(benchmark, category) -> formatted cells; category "all" is the benchmark overall."""
     cells: dict[tuple[str, str], dict[str, str]] = {}
     for bench, entry in metrics.items():
-        for key, rate, fmt in (("attack_success_rate", "attack_success_rate", "{:.1%}"),
-                               ("over_refusal", "over_refusal_rate", "{:.1%}"), ("utility", "accuracy", "{:.1%}")):
+        for key, rate in _RATES.items():
             if key not in entry:
                 continue
             parts = {"all": entry[key], **entry[key].get("per_category", {})}
             for category, part in parts.items():
-                cell = fmt.format(part[rate])
-                if key == "over_refusal":
+                cell = f"{part[rate]:.1%}"
+                if key.startswith("over_refusal"):
                     cell += f" ({part['full_refusal_rate']:.0%} + {part['partial_refusal_rate']:.0%})"
                 cells.setdefault((bench, category), {})[key] = f"{cell} (n={part['total']})"
     return dict(sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "all", kv[0][1])))
@@ -109,6 +46,17 @@ def _cells(metrics: Metrics) -> dict[tuple[str, str], dict[str, str]]:
 
 _COLUMNS = (("attack_success_rate", "ASR ↓"), ("over_refusal", "over-refusal ↓ (full + partial)"),
             ("utility", "accuracy ↑"))
+_OPTIONAL_COLUMNS = (("attack_success_rate_normalized", "ASR normalized ↓"),
+                     ("over_refusal_normalized", "over-refusal normalized ↓"), ("attack_success_rate_guard", "guard ASR ↓"))
+_RATES = {"attack_success_rate": "attack_success_rate", "over_refusal": "over_refusal_rate", "utility": "accuracy",
+          "attack_success_rate_normalized": "attack_success_rate", "over_refusal_normalized": "over_refusal_rate",
+          "attack_success_rate_guard": "attack_success_rate"}  # metrics.json key -> the rate shown
+
+
+def _columns(*runs: Metrics) -> tuple[tuple[str, str], ...]:
+    """The table columns: the base ones, then each judge variant (normalized string match, guard) a run reports."""
+    present = {key for metrics in runs for entry in metrics.values() for key in entry}
+    return _COLUMNS + tuple(column for column in _OPTIONAL_COLUMNS if column[0] in present)
 
 
 def markdown_table(metrics: Metrics) -> str:
@@ -120,10 +68,11 @@ def markdown_table(metrics: Metrics) -> str:
         |---|---|---|---|---|
         | b | all |  |  | 50.0% (n=2) |
     """
-    header = "| benchmark | category | " + " | ".join(title for _, title in _COLUMNS) + " |"
-    lines = [header, "|---" * (2 + len(_COLUMNS)) + "|"]
+    columns = _columns(metrics)
+    header = "| benchmark | category | " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|---" * (2 + len(columns)) + "|"]
     for (bench, category), row in _cells(metrics).items():
-        lines.append(f"| {bench} | {category} | " + " | ".join(row.get(k, "") for k, _ in _COLUMNS) + " |")
+        lines.append(f"| {bench} | {category} | " + " | ".join(row.get(k, "") for k, _ in columns) + " |")
     return "\n".join(lines)
 
 
@@ -141,12 +90,12 @@ def markdown_comparison(a: Metrics, b: Metrics, names: tuple[str, str] = ("base"
         >>> markdown_comparison(a, {}).splitlines()[2]
         '| b | all |  |  |  |  | 50.0% (n=2) | n/a |'
     """
-    cells_a, cells_b = _cells(a), _cells(b)
-    header = " | ".join(f"{title} {name}" for _, title in _COLUMNS for name in names)
-    lines = [f"| benchmark | category | {header} |", "|---" * (2 + 2 * len(_COLUMNS)) + "|"]
+    cells_a, cells_b, columns = _cells(a), _cells(b), _columns(a, b)
+    header = " | ".join(f"{title} {name}" for _, title in columns for name in names)
+    lines = [f"| benchmark | category | {header} |", "|---" * (2 + 2 * len(columns)) + "|"]
     for key in sorted(cells_a.keys() | cells_b.keys(), key=lambda k: (k[0], k[1] != "all", k[1])):
         row = []
-        for k, _ in _COLUMNS:
+        for k, _ in columns:
             pair = (cells_a.get(key, {}).get(k), cells_b.get(key, {}).get(k))
             row += ["", ""] if pair == (None, None) else [cell or MISSING for cell in pair]
         lines.append(f"| {key[0]} | {key[1]} | {' | '.join(row)} |")
@@ -320,9 +269,12 @@ def settings_markdown(config: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def report_run(run_dir: str | Path, judge: str | PhraseList | Any = None, title: str | None = None) -> Metrics:
+def report_run(run_dir: str | Path, judge: JudgeSpec | Mapping[str, JudgeSpec] = None, title: str | None = None,
+               guard: str | Judge | None = None) -> Metrics:
     """Score `<run_dir>/generations.jsonl` and write scored.jsonl, metrics.json, report.md (table with n per cell,
     warnings, settings from run_config.json) and asr_by_category.png.
+    `judge`: one judge spec or {benchmark: spec} (`scoring.judge_for`); `guard`: a Llama Guard model id or folder whose
+    ASR is reported beside the string match (`scoring.score_generations`).
 
     Example:
         >>> report_run("runs/base")["xstest"]["over_refusal"]["over_refusal_rate"]  # doctest: +SKIP
@@ -332,7 +284,7 @@ def report_run(run_dir: str | Path, judge: str | PhraseList | Any = None, title:
     rows = read_generations(run / "generations.jsonl")
     if not rows:
         raise FileNotFoundError(f"no generations in {run / 'generations.jsonl'}; run the generation step first")
-    scored = score_generations(rows, judge)
+    scored = score_generations(rows, judge, guard)
     atomic_write_text(run / "scored.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
     metrics = compute_metrics(scored)
     atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")

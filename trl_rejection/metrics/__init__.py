@@ -7,6 +7,8 @@ Example:
     >>> import evaluate
     >>> evaluate.load(ATTACK_SUCCESS_RATE_PATH, "xstest").compute(predictions=["Sure: step one, ..."])["judge"]
     'string_match:xstest'
+    >>> evaluate.load(OVER_REFUSAL_PATH, "paper_normalized").compute(predictions=["I can’t."])["labels"]
+    ['full_refusal']
 """
 
 from pathlib import Path
@@ -16,6 +18,7 @@ from trl_rejection.metrics.judge import (
     FULL_COMPLIANCE,
     FULL_REFUSAL,
     LABELS,
+    NORMALIZED_SUFFIX,
     PARTIAL_REFUSAL,
     PHRASE_LISTS,
     Judge,
@@ -25,6 +28,8 @@ from trl_rejection.metrics.judge import (
     classify,
     get_judge,
     judge_name,
+    normalize_text,
+    normalized,
     parse_guard_verdict,
 )
 from trl_rejection.metrics.over_refusal.over_refusal import OverRefusal
@@ -38,6 +43,7 @@ __all__ = [
     "FULL_COMPLIANCE",
     "FULL_REFUSAL",
     "LABELS",
+    "NORMALIZED_SUFFIX",
     "OVER_REFUSAL_PATH",
     "PARTIAL_REFUSAL",
     "PHRASE_LISTS",
@@ -51,6 +57,8 @@ __all__ = [
     "classify",
     "get_judge",
     "judge_name",
+    "normalize_text",
+    "normalized",
     "over_refusal_summary",
     "parse_guard_verdict",
 ]
