@@ -183,16 +183,24 @@ def run_config(args: EvalSafetyArguments, everything: list[EvalRecord], kept: li
 
 def check_run_config(output_dir: str, config: dict[str, Any]) -> str | None:
     """Refuse a run folder whose generations were made with other generation settings (`UserError` naming them and
-    the fix); otherwise write `config` there. Returns a note when only the scoring settings changed."""
+    the fix); otherwise write `config` there. Returns a note when only the scoring settings changed. A folder without
+    generations yet (a first attempt stopped before its first batch) takes the new settings."""
     out = Path(output_dir)
     file, generations = out / "run_config.json", out / "generations.jsonl"
     fix = f"Fix: pass another --output_dir (or delete {output_dir} to start over)"
-    previous = json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
-    if previous is None and generations.exists() and generations.stat().st_size:
-        raise UserError(f"{generations} has no run_config.json beside it, so its settings are unknown. {fix}")
-    if previous is not None and "generation" not in previous:
-        raise UserError(f"{file} was written by an earlier trl-rejection that recorded only {sorted(previous)}; the "
-                        f"other settings of its generations are unknown. {fix}")
+    previous = None
+    if generations.exists() and generations.stat().st_size:
+        if not file.exists():
+            raise UserError(f"{generations} has no run_config.json beside it, so its settings are unknown. {fix}")
+        try:
+            previous = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{file} is not valid JSON ({err}), so the settings of the generations beside it are "
+                            f"unknown. {fix}") from err
+        if not isinstance(previous, dict) or "generation" not in previous:
+            raise UserError(f"{file} was written by an earlier trl-rejection that recorded only "
+                            f"{sorted(previous) if isinstance(previous, dict) else previous!r}; the other settings of "
+                            f"its generations are unknown. {fix}")
     note = None
     if previous is not None:
         old, new = ({k: v for k, v in c["generation"].items() if k != "records"} for c in (previous, config))

@@ -177,9 +177,16 @@ def test_edited_benchmark_files_and_unknown_settings_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"earlier trl-rejection that recorded only \['adapter_path', 'max_new_tokens',"
                                         r" 'model_name_or_path'\].*Fix: pass another --output_dir"):
         _run(*args)
+    (run / "run_config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"run_config.json is not valid JSON .*Fix: pass another --output_dir"):
+        _run(*args)
     (run / "run_config.json").unlink()
     with pytest.raises(UserError, match=r"generations.jsonl has no run_config.json beside it.*another --output_dir"):
         _run(*args)
+    (run / "generations.jsonl").write_text("")  # nothing generated yet (stopped before the first batch)
+    (run / "run_config.json").write_text(json.dumps({"generation": {"max_new_tokens": 99}}))
+    _run(*args)  # takes the new settings
+    assert json.loads((run / "run_config.json").read_text())["generation"]["max_new_tokens"] == 2
 
 
 def test_fingerprint_follows_file_content(tmp_path):
