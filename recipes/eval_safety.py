@@ -26,6 +26,7 @@ from trl_rejection.eval.benchmarks import MM_SAFETYBENCH_QUESTION, SAMPLING_RULE
     sample_records
 from trl_rejection.eval.generate import generate, load_model_and_processor, read_generations
 from trl_rejection.eval.report import compare_runs, markdown_table, report_run, setting_differences
+from trl_rejection.eval.scoring import check_judge
 from trl_rejection.io import atomic_write_text, check_work_dir
 from trl_rejection.parsing import StrictTrlParser
 
@@ -252,6 +253,11 @@ def judge_spec(args: EvalSafetyArguments) -> dict[str, str]:
             raise UserError(f"--judges names {bench!r}, which is not in --benchmarks {args.benchmarks}. Fix: name one "
                             "of them")
         spec[bench] = judge
+    for judge in spec.values():
+        try:
+            check_judge(judge)
+        except ValueError as err:
+            raise UserError(f"{err}. Fix: correct --judge / --judges") from None
     return spec
 
 
@@ -264,12 +270,13 @@ def main(args: EvalSafetyArguments) -> None:
         return
     if not args.model_name_or_path:
         raise UserError("no model given. Fix: set --model_name_or_path (a local folder, a Hub id, or tiny-llava)")
+    judges = judge_spec(args)  # checked before generating: a typo must not cost a run
     everything, records = load_records(args)
     if note := check_run_config(args.output_dir, run_config(args, everything, records)):
         print(note)
     run_generation(args, records)  # the model is freed on return, before a judge model loads
     title = args.model_name_or_path + (f" + {args.adapter_path}" if args.adapter_path else "")
-    print(markdown_table(report_run(args.output_dir, judge=judge_spec(args), title=title, guard=args.guard_judge)))
+    print(markdown_table(report_run(args.output_dir, judge=judges, title=title, guard=args.guard_judge)))
     print(f"\nWrote {args.output_dir}/report.md, metrics.json, asr_by_category.png and scored.jsonl")
 
 

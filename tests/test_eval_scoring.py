@@ -205,14 +205,22 @@ def test_guard_asr_lands_in_the_report_beside_the_string_match(guard_dirs, tmp_p
     assert "guard ASR ↓" in table and "| 100.0% (n=2) |" in table.split("| figstep | all |")[1].splitlines()[0]
 
 
-def test_recipe_judge_options():
+def test_recipe_judge_options(tmp_path):
     spec = importlib.util.spec_from_file_location("eval_safety_judges", ROOT / "recipes" / "eval_safety.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     args = recipe.EvalSafetyArguments(benchmarks=["vlguard", "xstest", "figstep"], judge="paper",
                                       judges=["vlguard=vlguard", "xstest=xstest"], guard_judge="/models/guard")
     assert recipe.judge_spec(args) == {"*": "paper", "vlguard": "vlguard", "xstest": "xstest"}
-    for bad, message in (("vlguard", "BENCHMARK=JUDGE"), ("mmsb=paper", "not in --benchmarks")):
+    args.judge = "auto"
+    assert recipe.judge_spec(args)["*"] == "auto"
+    for bad, message in (("vlguard", "BENCHMARK=JUDGE"), ("mmsb=paper", "not in --benchmarks"),
+                         ("xstest=xtest", "unknown judge 'xtest'")):
         args.judges = [bad]
         with pytest.raises(UserError, match=message):
             recipe.judge_spec(args)
+    args.judges, args.judge = [], "papr"
+    args.model_name_or_path, args.output_dir = "tiny-llava", str(tmp_path / "run")
+    with pytest.raises(UserError, match="unknown judge 'papr'"):
+        recipe.main(args)  # refused before any record is loaded or generated
+    assert not (tmp_path / "run" / "generations.jsonl").exists()

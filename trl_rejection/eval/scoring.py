@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from statistics import fmean
 from typing import Any, Sequence
 
@@ -71,6 +72,24 @@ def judge_for(benchmark: str, judge: JudgeSpec | Mapping[str, JudgeSpec] = None)
     if spec is None:
         return DEFAULT_JUDGE
     return OWN_JUDGES.get(benchmark, DEFAULT_JUDGE) if isinstance(spec, str) and spec == AUTO else spec
+
+
+def check_judge(spec: str) -> None:
+    """Refuse (ValueError) a judge name that is no phrase list (nor "<list>_normalized"), not "auto", not
+    "llama_guard:<path or Hub id>" and no existing folder; loads nothing, so a typo fails before generation.
+
+    Example:
+        >>> check_judge("paper_normalized")
+        >>> check_judge("papr")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown judge 'papr': give auto, a phrase list (gcg, paper, vlguard, xstest, each also ...
+    """
+    if spec == AUTO or spec.removesuffix(NORMALIZED_SUFFIX) in PHRASE_LISTS or spec.startswith("llama_guard:") \
+            or Path(spec).is_dir():
+        return
+    raise ValueError(f"unknown judge {spec!r}: give {AUTO}, a phrase list ({', '.join(sorted(PHRASE_LISTS))}, each "
+                     f"also <name>{NORMALIZED_SUFFIX}), a Llama Guard folder or llama_guard:<path or Hub id>")
 
 
 def _is_published(rule: PhraseList) -> bool:
