@@ -204,10 +204,16 @@ def test_compare_names_models_and_the_settings_that_differ(tmp_path, monkeypatch
     base = _run_folder(tmp_path / "base", ROWS[:3], _config("llava-hf/llava-1.5-7b-hf", "SD_TYPO"))
     trained = _run_folder(tmp_path / "trained", ROWS[:2], _config("llava-hf/llava-1.5-7b-hf", "TYPO"))
     report_run(base), report_run(trained)
-    monkeypatch.setattr(report, "plot_asr", lambda runs, path, footnote="", warning="": drawn.update(runs=runs))
+    monkeypatch.setattr(report, "plot_asr", lambda runs, path, footnote="", warning="": drawn.update(
+        runs=runs, warning=warning))
     text = compare_runs(base, trained, tmp_path / "cmp")
     assert "| mm | sex | 100.0% (n=1) | n/a |" in text
     assert "- generation settings that differ: mm_safetybench_image_type 'SD_TYPO' -> 'TYPO'" in text
     assert list(drawn["runs"]) == ["base: llava-hf/llava-1.5-7b-hf", "trained: llava-hf/llava-1.5-7b-hf"]
+    assert "DRY RUN" not in text and drawn["warning"] == ""
+    (trained / "run_config.json").write_text(json.dumps(_config("tiny-llava", "SD_TYPO")))
+    text = compare_runs(base, trained, tmp_path / "cmp")
+    assert "- **trained: RANDOM-WEIGHT DRY RUN (tiny-llava)" in text and drawn["warning"].startswith("trained: RANDOM")
+    assert "differ: model_name_or_path 'llava-hf/llava-1.5-7b-hf' -> 'tiny-llava'" in text
     (trained / "run_config.json").unlink()
     assert "settings of trained not recorded" in compare_runs(base, trained)

@@ -229,14 +229,18 @@ def _judges(metrics: Metrics) -> list[str]:
                    if isinstance(part, dict) and "judge" in part})
 
 
+def dry_run_warning(config: dict[str, Any] | None, name: str = "") -> str | None:
+    """The warning of a run on the random-weight tiny model (`TINY_MODEL`, with or without an adapter), else None."""
+    if (config or {}).get("generation", {}).get("model_name_or_path") != TINY_MODEL:
+        return None
+    return (f"{name}: " if name else "") + (f"RANDOM-WEIGHT DRY RUN ({TINY_MODEL}): these numbers test the pipeline, "
+                                            "not a model; a low ASR here does not mean safe")
+
+
 def run_notes(config: dict[str, Any] | None, metrics: Metrics, name: str = "") -> list[str]:
-    """Warnings a reader must see beside the numbers: a random-weight dry run, a sample, the judge used."""
+    """What a reader must know beside the numbers: whether and how the run was sampled, and the judges used."""
     prefix = f"{name}: " if name else ""
-    generation = (config or {}).get("generation", {})
     notes = []
-    if generation.get("model_name_or_path") == TINY_MODEL:
-        notes.append(f"{prefix}RANDOM-WEIGHT DRY RUN ({TINY_MODEL}): these numbers test the pipeline, not a model; a "
-                     "low ASR here does not mean safe")
     sampling = (config or {}).get("sampling", {})
     if sampling.get("max_samples") is not None:
         kept = ", ".join(f"{b} {c['kept']} of {c['of']}" for b, c in sampling.get("benchmarks", {}).items())
@@ -289,12 +293,11 @@ def report_run(run_dir: str | Path, judge: JudgeSpec | Mapping[str, JudgeSpec] =
     metrics = compute_metrics(scored)
     atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     config, title = read_run_config(run), title or run.name
-    notes = run_notes(config, metrics)
-    warnings = "".join(f"> **{note}**\n\n" if "DRY RUN" in note else f"> {note}\n\n" for note in notes)
-    atomic_write_text(run / "report.md", f"# {title}\n\n{warnings}{markdown_table(metrics)}\n\n"
+    warning, notes = dry_run_warning(config), run_notes(config, metrics)
+    quoted = (f"> **{warning}**\n\n" if warning else "") + "".join(f"> {note}\n\n" for note in notes)
+    atomic_write_text(run / "report.md", f"# {title}\n\n{quoted}{markdown_table(metrics)}\n\n"
                       f"{settings_markdown(config)}\n")
-    plot_asr({title: metrics}, run / "asr_by_category.png", footnote="\n".join(n for n in notes if "DRY RUN" not in n),
-             warning="\n".join(n for n in notes if "DRY RUN" in n))
+    plot_asr({title: metrics}, run / "asr_by_category.png", footnote="\n".join(notes), warning=warning or "")
     return metrics
 
 
@@ -316,22 +319,23 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path | Non
             raise FileNotFoundError(f"{file} not found; score the run first (eval_safety.py without --compare)")
         loaded.append(json.loads(file.read_text(encoding="utf-8")))
         configs.append(read_run_config(run))
+    warnings = [w for name, config in zip(names, configs) if (w := dry_run_warning(config, name))]
     notes = [note for name, config, metrics in zip(names, configs, loaded) for note in run_notes(config, metrics, name)]
     if all(configs):
         differ = setting_differences(*(c.get("generation", {}) for c in configs))
-        notes.append("generation settings that differ: " + ("; ".join(differ) if differ else "none"))
+        settings = "generation settings that differ: " + ("; ".join(differ) if differ else "none")
     else:
-        notes.append("settings of " + " and ".join(n for n, c in zip(names, configs) if not c) + " not recorded "
-                     "(no run_config.json): check that both runs used the same benchmarks and settings")
-    text = markdown_comparison(loaded[0], loaded[1], names) + "\n\n" + "\n".join(f"- {note}" for note in notes)
+        settings = ("settings of " + " and ".join(n for n, c in zip(names, configs) if not c) + " not recorded (no "
+                    "run_config.json): check that both runs used the same benchmarks and settings")
+    text = markdown_comparison(loaded[0], loaded[1], names) + "\n\n" + "\n".join(
+        f"- {line}" for line in [*(f"**{w}**" for w in warnings), *notes, settings])
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "comparison.md", f"# {names[0]} vs {names[1]}\n\n{text}\n")
         models = [_model_name(c) for c in configs]
         legend = {f"{name}: {model}" if model else name: m for name, model, m in zip(names, models, loaded)}
-        plot_asr(legend, out / "comparison.png", warning="\n".join(n for n in notes if "DRY RUN" in n),
-                 footnote="\n".join(n for n in notes if "DRY RUN" not in n and not n.startswith("generation")))
+        plot_asr(legend, out / "comparison.png", footnote="\n".join(notes), warning="\n".join(warnings))
     return text
 
 
