@@ -198,3 +198,22 @@ def test_fingerprint_follows_file_content(tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"weights v2")  # retrained in place: same name and size
     assert eval_safety.fingerprint(str(adapter)) != first
     assert eval_safety.fingerprint("llava-hf/llava-1.5-7b-hf") is None and eval_safety.fingerprint(None) is None
+
+
+def test_package_versions_and_adapter_are_generation_settings(tmp_path):
+    from trl_rejection.errors import UserError
+
+    (tmp_path / "generations.jsonl").write_text("{}\n")  # a folder that holds generations
+    config = {"generation": {"adapter_path": "/runs/sft/final", "adapter_fingerprint": "a" * 64,
+                             "versions": {"torch": "2.5.0", "transformers": "4.57.0", "trl_rejection": "0.1.0"}},
+              "scoring": {"judge": "paper"}, "sampling": {"max_samples": None}, "recorded": {"batch_size": [8]}}
+    (tmp_path / "run_config.json").write_text(json.dumps(config))
+    newer = json.loads(json.dumps(config))
+    newer["generation"]["versions"]["transformers"] = "5.0.0"
+    with pytest.raises(UserError, match=r"other settings \(versions.transformers '4.57.0' -> '5.0.0'\)"):
+        eval_safety.check_run_config(str(tmp_path), newer)
+    retrained = json.loads(json.dumps(config))
+    retrained["generation"]["adapter_fingerprint"] = "b" * 64
+    with pytest.raises(UserError, match=r"adapter_fingerprint 'a{64}' -> 'b{64}'"):
+        eval_safety.check_run_config(str(tmp_path), retrained)
+    assert eval_safety.check_run_config(str(tmp_path), json.loads(json.dumps(config))) is None  # same: resumes
