@@ -20,6 +20,9 @@ Runs (global batch 32 each):
     ref1      1 GPU (single_gpu.yaml), batch 16 x 2 accumulation steps: the reference
     ref1_b32  1 GPU, batch 32 x 1: the same global batch and data, summed differently (the bf16 noise floor)
     ref1_rep  ref1 again (run-to-run spread)
+    fsdp1     fsdp.yaml on 1 GPU, 16 x 2 (FSDP's precision regime without sharding: bf16 parameters in compute,
+              bf16 gradient reduction, fp32 trainable masters)
+    zero3x1   zero3.yaml on 1 GPU, 16 x 2 (DeepSpeed's bf16 regime without sharding)
     ddp       multi_gpu.yaml, 2 processes x 16        zero2  zero2.yaml, 2 x 16
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
@@ -50,7 +53,7 @@ TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
 RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation)
     "ref1": ("single_gpu", 1, 16, 2), "ref1_b32": ("single_gpu", 1, 32, 1), "ref1_rep": ("single_gpu", 1, 16, 2),
     "ddp": ("multi_gpu", 2, 16, 1), "fsdp": ("fsdp", 2, 16, 1), "zero3": ("zero3", 2, 16, 1),
-    "zero2": ("zero2", 2, 16, 1),
+    "zero2": ("zero2", 2, 16, 1), "fsdp1": ("fsdp", 1, 16, 2), "zero3x1": ("zero3", 1, 16, 2),
 }
 
 

@@ -152,7 +152,8 @@ def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, co
     q = next(n for n in weights if "language_model" in n and n.endswith("q_proj.weight"))
     vision = next(n for n in weights if "vision_tower" in n and n.endswith("q_proj.weight"))
     assert not torch.equal(weights[q].float(), base[q].float())
-    torch.testing.assert_close(weights[vision].float(), base[vision].float())
+    # frozen: the base weight exactly, rounded to the saved dtype (DeepSpeed's bf16 mode trains a bf16 copy)
+    torch.testing.assert_close(weights[vision], base[vision].to(weights[vision].dtype), rtol=0, atol=0)
     ids = torch.tensor([[1, 5, 6, 7]], device="cuda")
     assert torch.isfinite(merged.cuda()(input_ids=ids).logits).all()
 
