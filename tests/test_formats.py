@@ -163,8 +163,9 @@ def test_folder_that_is_not_a_dataset_is_refused_in_one_line(tmp_path):
 def test_hub_id_offline_fails_fast_in_one_line(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     start = time.monotonic()
-    with pytest.raises(MixDataError, match=r"read as a Hub dataset id, but offline mode is on \(HF_HUB_OFFLINE=1\) "
-                                           "and it is not in the local datasets cache") as info:
+    with pytest.raises(MixDataError, match=r"not found: there is no such local file or folder, and as a Hub "
+                                           r"dataset id it is not in the local datasets cache \(offline mode is on "
+                                           r"\(HF_HUB_OFFLINE=1\)\)") as info:
         open_source("trl-rejection-test/no-such-dataset")
     assert time.monotonic() - start < 2
     _assert_one_line(str(info.value), "trl-rejection-test/no-such-dataset")
@@ -178,8 +179,8 @@ def test_hub_id_with_an_unanswering_hub_fails_in_under_two_seconds(monkeypatch):
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
         start = time.monotonic()
-        with pytest.raises(MixDataError, match=r"read as a Hub dataset id, but the Hub \(http://127.0.0.1:\d+\) "
-                                               "cannot be reached") as info:
+        with pytest.raises(MixDataError, match=r"not found: .* not in the local datasets cache \(the Hub "
+                                               r"\(http://127.0.0.1:\d+\) cannot be reached\)") as info:
             open_source("trl-rejection-test/no-such-dataset")
         assert time.monotonic() - start < 2
     _assert_one_line(str(info.value), "trl-rejection-test/no-such-dataset")

@@ -698,9 +698,9 @@ def _load_from_hub(repo_id: str, split: str) -> Any:
         return datasets.load_dataset(repo_id, split=split)
     except (OSError, ValueError) as e:
         if why:
-            raise MixDataError(repo_id, None, None, f"is read as a Hub dataset id, but {why} and it is not in the "
-                               "local datasets cache", "connect to the network (or download it once online), or "
-                               "give a local path: start it with './'") from None
+            raise MixDataError(repo_id, None, None, f"not found: there is no such local file or folder, and as a Hub "
+                               f"dataset id it is not in the local datasets cache ({why})", "check the path (a "
+                               "local one may start with './'), or connect to the network for a Hub dataset") from None
         raise MixDataError(repo_id, None, None, f"could not be loaded from the Hub ({_first_line(e)})",
                            "check the dataset id 'org/name' and the split; log in (`hf auth login`) for gated or "
                            "private datasets") from None
