@@ -19,19 +19,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
 from trl_rejection.data import MixConfig, build_mix
+from trl_rejection.data.formats import load_dataset_location
 from trl_rejection.errors import user_errors
 from trl_rejection.hub import check_extras, model_card, push_dataset, push_model
+from trl_rejection.io import check_work_dir
 from trl_rejection.parsing import StrictTrlParser
+from trl_rejection.validation import ConfigError, check_dataclass, check_range, from_mapping
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 TINY = "tiny-llava"
-MIX_BUILD = ("once", "per_node")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class ScriptArguments:
     push_dataset_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repo for the built mix."})
     record_data_order: bool = field(default=False, metadata={
         "help": "Append the ids of every collated batch to <output_dir>/data_order_rank<N>.jsonl."})
-    mix_build: str = field(default="once", metadata={
+    mix_build: Literal["once", "per_node"] = field(default="once", metadata={
         "help": "Where the mix (and the tiny model's init checkpoint) is built: `once` on the global main process, "
                 "every other process of every node waiting until it is written, then reading it from `output_dir` "
                 "(nodes must share that disk); `per_node` on each node's local main process into its own "
@@ -58,9 +61,9 @@ class ScriptArguments:
         "help": "Append one JSON line per logged step (loss, split losses, seconds since the start of training "
                 "after a device sync, input tokens seen by all processes, peak GPU GiB of each process)."})
 
-    def __post_init__(self):
-        if self.mix_build not in MIX_BUILD:
-            raise ValueError(f"mix_build must be one of {MIX_BUILD}, got {self.mix_build!r}.")
+    def __post_init__(self) -> None:
+        check_dataclass(self)
+        check_range(self, "eval_max_new_tokens", lambda v: v >= 1, "a number of tokens >= 1")
 
 
 class RecordingCollator:
@@ -191,6 +194,29 @@ def lora_config(model_args: ModelConfig):
     return peft_config
 
 
+def mix_config(script_args: ScriptArguments) -> MixConfig:
+    """The `mix:` block (or `--mix` JSON) as a checked `MixConfig`, its counts included."""
+    mix = script_args.mix
+    if isinstance(mix, str):
+        try:
+            mix = json.loads(mix)
+        except json.JSONDecodeError as e:
+            raise ConfigError("mix", f"is not a JSON object ({e})", "give the mix fields as a JSON object") from None
+    cfg = from_mapping(MixConfig, mix or {}, "mix")
+    cfg.counts()
+    return cfg
+
+
+def check_run_paths(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_args: ModelConfig) -> None:
+    """Before any model is built: the output folder is one the recipe may write into (see `check_work_dir`), and the
+    mix block is complete and well typed."""
+    inputs = [script_args.dataset_path, model_args.model_name_or_path]
+    if not script_args.dataset_path:
+        cfg = mix_config(script_args)
+        inputs += [cfg.refusal_source, cfg.normal_source, cfg.refusal_image_root, cfg.normal_image_root]
+    check_work_dir(training_args.output_dir, inputs=inputs, what="training run")
+
+
 def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
     """The prepared dataset, or the mix built where `mix_build` says (once, or once per node); every other process
     waits at a barrier until it is written (the builder writes to a temporary folder and renames it), then reads it.
@@ -198,14 +224,13 @@ def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
     import datasets
 
     if script_args.dataset_path:
-        if Path(script_args.dataset_path).is_dir():
-            return datasets.load_from_disk(script_args.dataset_path), script_args.dataset_path
-        return datasets.load_dataset(script_args.dataset_path, split="train"), script_args.dataset_path
-    mix = json.loads(script_args.mix) if isinstance(script_args.mix, str) else dict(script_args.mix or {})
+        return load_dataset_location(script_args.dataset_path, file_fix="build a mix from it first (`trl-rejection "
+                                     "mix`, or the `mix:` block) and pass its folder"), script_args.dataset_path
+    cfg = mix_config(script_args)
     mix_dir = Path(training_args.output_dir) / "mix"
     with build_once(training_args, script_args.mix_build, "building the mix") as builder:
         if builder:
-            build_mix(MixConfig(**mix), mix_dir, overwrite=True, command=" ".join(sys.argv))
+            build_mix(cfg, mix_dir, overwrite=True, command=" ".join(sys.argv))
         if not mix_dir.is_dir():
             raise FileNotFoundError(
                 f"Process {training_args.process_index} cannot see the mix built at {mix_dir} by the main process. "
@@ -249,6 +274,7 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     training_args.push_to_hub = False  # push once at the end, with this project's model card
     if script_args.metrics_file and training_args.include_num_input_tokens_seen in ("no", False, None):
         training_args.include_num_input_tokens_seen = "non_padding"
+    check_run_paths(script_args, training_args, model_args)
     model, processor = load_model(model_args, training_args, script_args.mix_build)
     dataset, mix_location = load_mix(script_args, training_args)
     peft_config = lora_config(model_args)

@@ -283,3 +283,24 @@ def test_real_configs_put_lora_on_the_language_model_and_train_the_projector(con
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     projector = [n for n in trainable if "lora_" not in n]
     assert projector and all(any(f in n for f in args.projector_modules) for n in projector)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output_dir", "."], "is the current folder or a parent of it"),
+    (["--output_dir", "src"], "holds the input"),
+    (["--dataset_path", "./no_such_mix"], "not found"),
+    (["--dataset_path", "src/med.json"], "is a file, not a save_to_disk folder"),
+    (["--mix", json.dumps({"n_refusal": 3})], "n_refusal and n_normal go together"),
+])
+def test_bad_paths_and_mix_blocks_stop_before_any_model_is_built(args, message, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "med.json").write_text("[]")
+    sources = {"refusal_source": "src/med.json", "normal_source": "src/med.json", "n_refusal": 1, "n_normal": 1}
+    base = ["--output_dir", "run", "--mix", json.dumps(sources)]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = subprocess.run([sys.executable, RECIPE, *base, *args], env=env(tmp_path), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0] and "Fix:" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, not even the output folder

@@ -539,6 +539,29 @@ def open_json_source(path: str | os.PathLike, name: str | None = None, image_roo
                   f"size={st.st_size} mtime={int(st.st_mtime)}", load)
 
 
+def load_dataset_location(location: str, split: str = "train", file_fix: str = "give a save_to_disk folder or a "
+                          "Hub dataset id") -> Any:
+    """The `datasets.Dataset` at a `save_to_disk` folder or a Hub dataset id (see `locate_source`), split chosen;
+    a file, a missing path, an unreachable Hub or a missing split is a `MixDataError` (`file_fix` says what to do
+    with a file).
+
+    Example:
+        >>> load_dataset_location("mixes/paper")  # doctest: +SKIP
+    """
+    import datasets
+
+    kind, where = locate_source(location)
+    if kind == "file":
+        raise MixDataError(location, None, None, "is a file, not a save_to_disk folder or a Hub dataset id", file_fix)
+    ds = _load_from_disk(where) if kind == "dir" else _load_from_hub(location, split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise MixDataError(location, None, None, f"has no split {split!r} (it has {list(ds)})",
+                               "choose one of the splits")
+        ds = ds[split]
+    return ds
+
+
 def open_arrow_source(location: str, name: str | None = None, image_root: str | None = None,
                       split: str = "train", duplicate_ids: str = "error", validate: str = "drawn") -> Source:
     """Open a `save_to_disk` directory or a Hub dataset id (loaded lazily, images left undecoded).
@@ -548,16 +571,7 @@ def open_arrow_source(location: str, name: str | None = None, image_root: str | 
     """
     import datasets
 
-    kind, where = locate_source(location)
-    if kind == "file":
-        raise MixDataError(location, None, None, "is a file, not a save_to_disk folder or a Hub dataset id",
-                           "open JSON/JSONL files with open_source")
-    ds = _load_from_disk(where) if kind == "dir" else _load_from_hub(location, split)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise MixDataError(location, None, None, f"has no split {split!r} (it has {list(ds)})",
-                               "choose one of the splits")
-        ds = ds[split]
+    ds = load_dataset_location(location, split, "open JSON/JSONL files with open_source")
     for col in ("image", "images"):
         feat = ds.features.get(col)
         if isinstance(feat, datasets.Image):
