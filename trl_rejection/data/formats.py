@@ -391,17 +391,14 @@ def _scan_array(text: _Text) -> Iterator[tuple[int, str, Any]]:
                 if pos == n:
                     break
             c = buf[pos]
-            if c == ",":
-                pos, expect_value = pos + 1, True
-                continue
             if c in _WS_CHARS:
                 pos = ws(buf, pos).end()
                 if pos == n:
                     break
                 c = buf[pos]
-                if c == ",":
-                    pos, expect_value = pos + 1, True
-                    continue
+            if c == ",":
+                pos, expect_value = pos + 1, True
+                continue
             if c == "]":
                 closed, pos = True, pos + 1
                 break
