@@ -263,6 +263,8 @@ def evaluate_bundled(trainer, processor, output_dir: Path, max_new_tokens: int) 
     from trl_rejection.eval.report import markdown_table, report_run
 
     run_dir = output_dir / "eval_bundled"
+    # generations of an earlier training run into this output_dir belong to another model: never resume from them
+    (run_dir / "generations.jsonl").unlink(missing_ok=True)
     records = load_benchmark("bundled", run_dir / "bundled")
     generate(trainer.model.eval(), processor, records, run_dir / "generations.jsonl", max_new_tokens=max_new_tokens)
     return markdown_table(report_run(run_dir))

@@ -48,6 +48,12 @@ def test_default_job_trains_saves_evaluates_and_writes_the_card(tmp_path):
         assert fact in card, fact
     mix_card = (tmp_path / "outputs" / "sft_rejection_tiny" / "mix" / "README.md").read_text()
     assert "| rows in the mix | 20 | 50 |" in mix_card
+    # a rerun into the same folder trains another model: its evaluation is generated anew, never resumed
+    generations = tmp_path / "outputs" / "sft_rejection_tiny" / "eval_bundled" / "generations.jsonl"
+    first = generations.read_text()
+    launch(tmp_path, "--seed", "1", "--num_train_epochs", "1")
+    second = generations.read_text()
+    assert len(second.splitlines()) == len(first.splitlines()) == 18 and second != first
 
 
 def test_two_cpu_processes_see_disjoint_data(tmp_path):
