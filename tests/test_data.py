@@ -296,7 +296,7 @@ def test_sample_data_is_deterministic(tmp_path):
        chunk=st.integers(1, 64), jsonl=st.booleans(), indent=st.sampled_from([None, 1]))
 def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_factory):
     """Records split across read chunks (and multi-byte characters split across them) parse exactly."""
-    from trl_rejection.data import formats
+    from trl_rejection.data import formats, jsonscan
 
     records = [{"id": f"u{i}", "conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": t + "!"}]}
                for i, t in enumerate(texts)]
@@ -305,7 +305,7 @@ def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_fa
     lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)  # JSONL: one record per line
     path.write_text(lines if jsonl else dump(records), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(formats, "_CHUNK_BYTES", chunk)
+        mp.setattr(jsonscan, "_CHUNK_BYTES", chunk)
         src = formats.open_json_source(path, validate="all")
     assert src.ids == [r["id"] for r in records]
     got = list(src.records(range(len(records))))
@@ -313,9 +313,9 @@ def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_fa
 
 
 def test_malformed_record_mid_file_is_found_across_chunks(monkeypatch, tmp_path):
-    from trl_rejection.data import formats
+    from trl_rejection.data import formats, jsonscan
 
-    monkeypatch.setattr(formats, "_CHUNK_BYTES", 50)
+    monkeypatch.setattr(jsonscan, "_CHUNK_BYTES", 50)
     good = [json.dumps(_llava(i, "c", image=False)) for i in range(6)]
     good[3] = good[3].replace('"from": "gpt"', '"from" "gpt"', 1)
     path = tmp_path / "mid.json"

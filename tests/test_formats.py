@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from trl_rejection.data import MixConfig, MixDataError, build_mix, open_source
-from trl_rejection.data import formats
+from trl_rejection.data import formats, jsonscan
 from trl_rejection.data.formats import normalize_record, record_id
 from trl_rejection.errors import UserError
 
@@ -60,7 +60,7 @@ SCANS = {
 def test_scanner_reads_what_json_reads_and_refuses_the_rest(case, chunk, tmp_path, monkeypatch):
     """Counts equal `json.load` (arrays) / per-line `json.loads` (JSONL); whatever those reject is one line naming
     the file, the place and the fix, at any chunk size."""
-    monkeypatch.setattr(formats, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(jsonscan, "_CHUNK_BYTES", chunk)
     text, expected = SCANS[case]
     path = tmp_path / case.replace(" ", "_")
     path.write_text(text, encoding="utf-8")
@@ -145,7 +145,7 @@ def test_unreadable_file_and_special_file_are_refused_in_one_line(tmp_path, monk
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(formats, "open", denied, raising=False)  # the scanner's open(); root ignores chmod 000
+    monkeypatch.setattr(jsonscan, "open", denied, raising=False)  # the scanner's open(); root ignores chmod 000
     with pytest.raises(MixDataError, match=r"locked.json: cannot be read \(PermissionError: .*Permission denied"):
         open_source(str(path))
     if os.path.exists("/dev/null"):
