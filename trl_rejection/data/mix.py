@@ -66,7 +66,8 @@ class MixConfig:
         "help": "Accept image symlinks that lead outside the image root (e.g. data/coco -> /datasets/coco)."})
     image_check: Literal["decode", "open", "off"] = field(default="decode", metadata={
         "help": "Check each image of the mix (of every record with validate=all) at build time: decode it "
-                "('decode', ~1-3 ms an image, in threads), read its header only ('open'), or not at all ('off')."})
+                "('decode', in threads; cost in bench/RESULTS.md), read its header only ('open'), or not at all "
+                "('off')."})
 
     def __post_init__(self) -> None:
         """Check every field's type and range, and that counts and total / refusal_fraction are not mixed."""
