@@ -164,12 +164,12 @@ def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig, mix_b
 
         processor = make_processor("llava-1.5")
         if sharded_backend() is None:
-            return make_model("llava-1.5", processor, seed=training_args.seed), processor
+            return make_model("llava-1.5", processor), processor  # a fixed base, as eval_safety.py builds it
         init_dir = Path(training_args.output_dir) / "tiny-llava-init"
         with build_once(training_args, mix_build, "building the tiny model") as builder:
             if builder:
                 with without_zero3():
-                    make_model("llava-1.5", processor, seed=training_args.seed).save_pretrained(init_dir)
+                    make_model("llava-1.5", processor).save_pretrained(init_dir)
                 processor.save_pretrained(init_dir)
         training_args.model_init_kwargs = {"dtype": model_args.dtype, **(training_args.model_init_kwargs or {})}
         return str(init_dir), processor
@@ -291,6 +291,7 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
         trainer.data_collator = RecordingCollator(
             trainer.data_collator, output_dir / f"data_order_rank{training_args.process_index}.jsonl")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()  # <output_dir>/trainer_state.json: the whole log history (split losses), tokens seen
 
     final = output_dir / "final"
     sharded = sharded_backend()

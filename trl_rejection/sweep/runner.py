@@ -1,0 +1,313 @@
+"""Run a sweep: build each distinct mix once, evaluate the base model once, and per point launch the real recipes as
+child processes (`accelerate launch recipes/sft_rejection.py`, then `python recipes/eval_safety.py`).
+
+Folders under `output_dir` (each named by a settings hash, so a changed setting never lands in another's folder):
+`mixes/<mix hash>/` (a `build_mix` folder), `base/<hash>/eval/`, `points/<hash>/` with `point.json` (written first:
+the settings), `train/`, `eval/`, `train.log`, `eval.log` and `done.json` (written last, atomically). A rerun skips
+points with `done.json` and redoes one without it from scratch (only a folder holding `point.json`, i.e. ours).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from ..data import build_mix
+from ..errors import UserError
+from ..io import UnsafePathError, atomic_write_text, check_work_dir, real, terminate_as_interrupt
+from .config import REPO_ROOT, Point, SweepConfig, expand, model_name, short_hash
+from .table import collect, write_outputs
+
+LOCK = ".sweep_lock.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running_elsewhere(file: Path) -> int | None:
+    """The pid recorded in `file` when that process still runs on this host, else None."""
+    try:
+        owner = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pid = int(owner.get("pid", 0)) if isinstance(owner, dict) else 0
+    return pid if pid and owner.get("host") == socket.gethostname() and pid != os.getpid() and _alive(pid) else None
+
+
+@contextmanager
+def sweep_lock(out: Path) -> Iterator[None]:
+    """One sweep process per folder: refuse while another (alive) holds it; a killed one's lock is taken over."""
+    file = out / LOCK
+    if pid := _running_elsewhere(file):
+        raise UserError(f"{out} is being swept by process {pid}. Fix: wait for it to finish, or stop it first")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(file, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    try:
+        yield
+    finally:
+        file.unlink(missing_ok=True)
+
+
+def _load_recipe(path: Path) -> Any:
+    """A recipe script imported as a module (its `__main__` block does not run)."""
+    spec = importlib.util.spec_from_file_location(f"_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_configs(points: list[Point], train_script: Path, eval_script: Path) -> None:
+    """Parse every point's child configs with the recipes' own parsers, so a bad option fails now, in one line
+    naming it, not after hours of earlier points."""
+    from trl import ModelConfig
+
+    from ..config import RejectionSFTConfig
+    from ..data import MixConfig
+    from ..parsing import StrictTrlParser
+
+    sft, evaluation = _load_recipe(train_script), _load_recipe(eval_script)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notes of the libraries: the children print them in their logs
+        for point in points:
+            for name, config, parser in (
+                    ("train", train_config(point, Path(tmp) / "train", Path(tmp) / "mix"),
+                     StrictTrlParser((sft.ScriptArguments, RejectionSFTConfig, ModelConfig), nested={"mix": MixConfig})),
+                    ("eval", {**point.eval, "output_dir": f"{tmp}/eval"}, StrictTrlParser(evaluation.EvalSafetyArguments))):
+                file = Path(tmp) / f"{name}.yaml"
+                file.write_text(yaml.safe_dump(config))
+                try:
+                    parser.parse_args_and_config(["--config", str(file)])
+                except UserError as e:
+                    raise UserError(f"point {point.label}: {name} settings: {str(e).replace(str(file) + ': ', '')}"
+                                    " (set in the sweep's train_config/train or eval_config/eval)") from None
+
+
+class ChildFailed(RuntimeError):
+    """A training or evaluation child process exited with an error."""
+
+
+class Runner:
+    """Launches child processes for jobs, at most `parallel_points` at a time, each in its own GPU slot."""
+
+    def __init__(self, cfg: SweepConfig, train_script: Path, eval_script: Path):
+        self.cfg, self.train_script, self.eval_script = cfg, train_script, eval_script
+        self.procs: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.slots: queue.Queue[int] = queue.Queue()
+        for slot in range(cfg.parallel_points):
+            self.slots.put(slot)
+        self.gpus = self._gpu_ids() if cfg.parallel_points > 1 else []
+
+    def _gpu_ids(self) -> list[str]:
+        """Visible GPU ids (as CUDA_VISIBLE_DEVICES names them); checked against parallel_points x gpus_per_point."""
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            return []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [v.strip() for v in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
+        need = self.cfg.parallel_points * self.cfg.gpus_per_point
+        if need > len(ids):
+            raise UserError(f"parallel_points={self.cfg.parallel_points} x gpus_per_point={self.cfg.gpus_per_point} "
+                            f"needs {need} GPUs, {len(ids)} are visible. Fix: lower parallel_points")
+        return ids
+
+    def env(self, slot: int) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.gpus:
+            g = self.cfg.gpus_per_point
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * g:(slot + 1) * g])
+        return env
+
+    def launch_args(self, slot: int) -> list[str]:
+        """`accelerate launch` arguments; a parallel point on GPUs gets its own processes, GPUs and port."""
+        args = list(self.cfg.launch_args)
+        if self.gpus:
+            args += ["--num_processes", str(self.cfg.gpus_per_point), "--gpu_ids", "all",
+                     "--main_process_port", str(29500 + slot)]
+        return args
+
+    def run(self, cmd: list[str], log: Path, slot: int, running: Path) -> float:
+        """Run `cmd` with its output in `log`; record its pid in `running` while it runs. Returns seconds."""
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(slot))
+            with self.lock:
+                self.procs.add(proc)
+            atomic_write_text(running, json.dumps({"pid": proc.pid, "host": socket.gethostname(), "cmd": cmd}))
+            try:
+                code = proc.wait()
+            finally:
+                with self.lock:
+                    self.procs.discard(proc)
+        running.unlink(missing_ok=True)
+        if code != 0:
+            lines = log.read_text(errors="replace").splitlines()
+            errors = [line for line in lines if line.startswith("error:")]
+            reason = errors[-1] if errors else " / ".join(lines[-3:])
+            raise ChildFailed(f"{Path(cmd[-3]).name} exited with status {code} ({reason}); log: {log}")
+        return time.perf_counter() - start
+
+    def stop_all(self) -> None:
+        with self.lock:
+            for proc in self.procs:
+                proc.terminate()
+
+
+def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _fresh(folder: Path, what: str) -> None:
+    """Make `folder` empty for a (re)run: remove an interrupted attempt, only if it holds our point.json and no
+    process of it still runs."""
+    if folder.exists():
+        if not (folder / "point.json").is_file():
+            raise UnsafePathError(f"{folder} exists without point.json, so it is not a {what} folder this tool "
+                                  "wrote. Fix: move it away")
+        if pid := _running_elsewhere(folder / "running.json"):
+            raise UserError(f"{folder} is still being written by process {pid} (left by a killed sweep). Fix: stop "
+                            f"that process (kill {pid}), then rerun")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def point_record(point: Point) -> dict[str, Any]:
+    """What point.json holds: identity, label, swept values, effective doses and the settings the hash covers."""
+    n_refusal, n_normal = point.mix.counts()
+    return {"kind": "point", "hash": point.hash, "label": point.label, "dose": point.dose,
+            "model": model_name(point.train), "n_refusal": n_refusal, "n_normal": n_normal,
+            "refusal_label_tokens": point.train.get("refusal_label_tokens"),
+            "mask_refusal_eos": point.train.get("mask_refusal_eos", True), "seed": point.mix.seed,
+            "refusal_sentences": point.mix.refusal_sentences, "mix_hash": point.mix_hash,
+            "settings": point.settings}
+
+
+def _base_settings(point: Point) -> dict[str, Any]:
+    return {"model": model_name(point.train), "eval": point.settings["eval"]}
+
+
+def _eval_config(point: Point, model: str, adapter: str | None, out: Path) -> dict[str, Any]:
+    return {**point.eval, "model_name_or_path": model, "adapter_path": adapter, "output_dir": str(out)}
+
+
+def train_config(point: Point, train_dir: Path, mix_dir: Path) -> dict[str, Any]:
+    """The training child's config: the point's, on the prepared mix, with per-step metrics (tokens seen)."""
+    return {**point.train, "output_dir": str(train_dir), "dataset_path": str(mix_dir), "eval_bundled": False,
+            "metrics_file": str(train_dir.parent / "train_steps.jsonl")}
+
+
+def run_point(runner: Runner, point: Point, folder: Path, mix_dir: Path, slot: int) -> dict[str, float]:
+    """Train and evaluate one point into `folder` (emptied first); `done.json` is written last. Returns timings."""
+    _fresh(folder, "sweep point")
+    atomic_write_text(folder / "point.json", json.dumps(point_record(point), indent=2) + "\n")
+    train_dir = folder / "train"
+    train = train_config(point, train_dir, mix_dir)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *runner.launch_args(slot), str(runner.train_script),
+           "--config", str(_write_yaml(folder / "train_config.yaml", train))]
+    seconds = {"train": runner.run(cmd, folder / "train.log", slot, folder / "running.json")}
+    use_peft = point.train.get("use_peft", False)
+    model, adapter = (model_name(point.train), str(train_dir / "final")) if use_peft else (str(train_dir / "final"), None)
+    evaluation = _eval_config(point, model, adapter, folder / "eval")
+    cmd = [sys.executable, str(runner.eval_script), "--config", str(_write_yaml(folder / "eval_config.yaml", evaluation))]
+    seconds["eval"] = runner.run(cmd, folder / "eval.log", slot, folder / "running.json")
+    atomic_write_text(folder / "done.json", json.dumps({"hash": point.hash, "seconds": seconds}) + "\n")
+    return seconds
+
+
+def run_base(runner: Runner, point: Point, folder: Path, slot: int) -> dict[str, float]:
+    """Evaluate the base model (no training) into `folder`, with `done.json` last."""
+    _fresh(folder, "base evaluation")
+    record = {"kind": "base", "hash": folder.name, "label": "base model", "model": model_name(point.train),
+              "settings": _base_settings(point)}
+    atomic_write_text(folder / "point.json", json.dumps(record, indent=2) + "\n")
+    evaluation = _eval_config(point, model_name(point.train), None, folder / "eval")
+    cmd = [sys.executable, str(runner.eval_script), "--config", str(_write_yaml(folder / "eval_config.yaml", evaluation))]
+    seconds = {"eval": runner.run(cmd, folder / "eval.log", slot, folder / "running.json")}
+    atomic_write_text(folder / "done.json", json.dumps({"hash": folder.name, "seconds": seconds}) + "\n")
+    return seconds
+
+
+def _inputs(points: list[Point]) -> list[str]:
+    return [p for point in points for p in (point.mix.refusal_source, point.mix.normal_source,
+                                            point.mix.refusal_image_root, point.mix.normal_image_root) if p]
+
+
+def run_sweep(cfg: SweepConfig, train_script: Path = REPO_ROOT / "recipes" / "sft_rejection.py",
+              eval_script: Path = REPO_ROOT / "recipes" / "eval_safety.py", root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Run every unfinished point of `cfg` (and the base model), then write the table, figure and sweep.json.
+    Returns the sweep.json content."""
+    points = expand(cfg, root)
+    out = check_work_dir(cfg.output_dir, inputs=_inputs(points), what="sweep")
+    check_configs(points, train_script, eval_script)
+    base_dir = out / "base" / short_hash(_base_settings(points[0]))
+    todo = [(i, p) for i, p in enumerate(points, 1) if not (out / "points" / p.hash / "done.json").is_file()]
+    print(f"Sweep of {len(points)} points into {cfg.output_dir}: {len(points) - len(todo)} finished earlier, "
+          f"{len(todo)} to run" + ("" if (base_dir / "done.json").is_file() else ", and the base model"), flush=True)
+    failed: list[str] = []
+    with sweep_lock(out), terminate_as_interrupt():
+        for mix_hash, point in {p.mix_hash: p for _, p in todo}.items():
+            mix_dir = out / "mixes" / mix_hash
+            if not (mix_dir / "mix_config.json").is_file():
+                print(f"  mix {mix_hash}: building {point.mix.counts()[0]} refusal + {point.mix.counts()[1]} normal "
+                      "rows", flush=True)
+                build_mix(point.mix, mix_dir, overwrite=True, command="trl_rejection.sweep")
+        runner = Runner(cfg, real(train_script), real(eval_script))
+
+        def job(name: str, fn: Any, *args: Any) -> None:
+            slot = runner.slots.get()
+            try:
+                print(f"  {name}: started" + (f" (GPU slot {slot})" if runner.gpus else ""), flush=True)
+                seconds = fn(runner, *args, slot)
+                print(f"  {name}: done ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})", flush=True)
+            except (ChildFailed, UserError) as e:
+                failed.append(f"{name}: {e}")
+                print(f"  {name}: FAILED: {e}", flush=True)
+            finally:
+                runner.slots.put(slot)
+
+        jobs = [] if (base_dir / "done.json").is_file() else [("base model", run_base, points[0], base_dir)]
+        jobs += [(f"[{i}/{len(points)}] {p.hash} {p.label}", run_point, p, out / "points" / p.hash,
+                  out / "mixes" / p.mix_hash) for i, p in todo]
+        pool = ThreadPoolExecutor(max_workers=cfg.parallel_points)
+        try:
+            for future in [pool.submit(job, *j) for j in jobs]:
+                future.result()
+        except BaseException:
+            runner.stop_all()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    summary = collect(base_dir, [out / "points" / p.hash for p in points], list(points[0].dose), asdict(cfg))
+    write_outputs(summary, out)
+    print(f"\nWrote {cfg.output_dir}/sweep.md, sweep.csv, sweep.json and sweep.png", flush=True)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} runs failed (the table holds the others): "
+                        + " | ".join(line.splitlines()[0] for line in failed) + ". Fix: read the logs named, then rerun")
+    return summary
