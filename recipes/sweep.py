@@ -11,14 +11,14 @@ The sweep itself is one light process that launches every training run with `acc
 interrupted one, and a changed setting makes new points (folders are named by a hash of the settings).
 """
 
-import os
 import sys
 from pathlib import Path
 
-from trl_rejection.errors import user_errors
+from trl_rejection.errors import UserError, user_errors
 from trl_rejection.io import check_work_dir
 from trl_rejection.parsing import StrictTrlParser
 from trl_rejection.sweep import SweepConfig, SweepGrid, compare_sweeps, run_sweep
+from trl_rejection.sweep.runner import leave_launcher
 
 HERE = Path(__file__).parent
 DEFAULT_CONFIG = HERE / "configs" / "sweep_tiny.yaml"
@@ -27,7 +27,7 @@ DEFAULT_CONFIG = HERE / "configs" / "sweep_tiny.yaml"
 def main(cfg: SweepConfig) -> None:
     if cfg.compare:
         if len(cfg.compare) != 2:
-            raise SystemExit(f"error: --compare takes two sweep folders, got {cfg.compare}")
+            raise UserError(f"--compare takes two sweep folders, got {cfg.compare}. Fix: give exactly two")
         check_work_dir(cfg.output_dir, inputs=cfg.compare, what="comparison")
         print(compare_sweeps(*cfg.compare, out=cfg.output_dir))
         return
@@ -38,7 +38,7 @@ def main(cfg: SweepConfig) -> None:
 
 
 if __name__ == "__main__":
-    if int(os.environ.get("RANK", "0")) != 0:  # under a multi-process `accelerate launch`, the main process drives
+    if not leave_launcher():  # under a multi-process `accelerate launch`, the main process drives
         sys.exit(0)
     argv = sys.argv[1:] if "--config" in sys.argv else ["--config", str(DEFAULT_CONFIG), *sys.argv[1:]]
     with user_errors():

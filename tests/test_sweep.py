@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from trl_rejection.errors import UserError
@@ -82,6 +83,9 @@ def test_bad_sweep_settings_fail_in_one_line_naming_them():
     with pytest.raises(UserError, match=r"point n_refusal=0, .* train settings: lerning_rate: no such option. "
                                         r"Fix: did you mean learning_rate\?"):
         check_configs(expand(config(train={"mix": {"n_normal": 8}, "lerning_rate": 1.0})), TRAIN, EVAL)
+    if not torch.cuda.is_available():  # a library's own check, said of the point
+        with pytest.raises(UserError, match=r"n_refusal=0, .* train settings: .*doesn't support bf16/gpu"):
+            check_configs(expand(config(train={"mix": {"n_normal": 8}, "bf16": True, "use_cpu": False})), TRAIN, EVAL)
     with pytest.raises(UserError, match=r"eval settings: max_new_tokens: 'x' is not a whole number"):
         check_configs(expand(config(eval={"max_new_tokens": "x"})), TRAIN, EVAL)
 
@@ -116,7 +120,7 @@ def _fabricate(sweep: Path) -> tuple[Path, list[Path]]:
         refusal, normal, loss = losses
         history = [{"loss": 9.0, "loss_refusal": 9.0, "loss_normal": 9.0, "step": 1},
                    {k: v for k, v in {"loss": loss, "loss_normal": normal, "step": 2}.items()},
-                   {"train_runtime": 1.0, "step": 2}]
+                   {"train_runtime": 1.0, "train_loss": 5.5, "step": 2}]
         if refusal is not None:
             history[1]["loss_refusal"] = refusal
         else:
@@ -146,6 +150,7 @@ def test_aggregation_matches_hand_computed_numbers(tmp_path):
     assert float(p4["utility/vizwiz"]) == 0.25 and p4["n/utility/vizwiz"] == "4"
     # the last logged value of each loss; the no-refusal control has no refusal loss
     assert (float(p4["loss_refusal"]), float(p4["loss_normal"]), float(p4["loss"])) == (1.5, 2.5, 2.25)
+    assert float(p4["train_loss"]) == 5.5
     assert (p0["loss_refusal"], float(p0["loss_normal"])) == ("", 2.0)
     assert (p4["tokens_seen"], p4["steps"]) == ("104", "2")
     text = markdown(summary)
@@ -224,6 +229,6 @@ def test_killed_sweep_resumes_skipping_finished_points_and_reusing_the_mix(tmp_p
     assert [(r["kind"], r["refusal_label_tokens"]) for r in rows] == [("base", ""), ("point", "all"), ("point", "2")]
     for row in rows:
         assert row["asr/bundled"] != "" and row["n/attack_success_rate/bundled"] == "2"  # 4 samples: 2 harmful
-    assert all(r["steps"] == "2" and float(r["loss_normal"]) > 0 and int(r["tokens_seen"]) > 0 for r in rows[1:])
+    assert all(r["steps"] == "2" and float(r["loss_normal"]) > 0 and float(r["train_loss"]) > 0 and int(r["tokens_seen"]) > 0 for r in rows[1:])
     assert (tmp_path / "sweep" / "sweep.png").is_file() and "RANDOM-WEIGHT DRY RUN" in \
         (tmp_path / "sweep" / "sweep.md").read_text()

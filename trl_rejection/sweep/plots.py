@@ -77,13 +77,18 @@ def _save(fig: Figure, path: Path) -> None:
 def _tradeoff(ax: Any, tradeoff: dict[str, Any], color: str = "C0", name: str = "") -> None:
     pts = tradeoff["points"]
     ax.plot([p["x"] for p in pts], [p["y"] for p in pts], "o", color=color, label=name or "points")
+    spots: dict[tuple[float, float], list[str]] = {}  # points at the same place share one label
     for p in pts:
-        ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        spots.setdefault((p["x"], p["y"]), []).append(p["label"])
+    for (x, y), labels in spots.items():
+        ax.annotate("\n".join(labels), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                    ha="right" if x > 0.7 else "left")
     if tradeoff["base"]:
         b = tradeoff["base"]
         ax.plot([b["x"]], [b["y"]], "*", color=color, markersize=14, markeredgecolor="k",
                 label=f"{name + ': ' if name else ''}base model")
-        ax.annotate("base", (b["x"], b["y"]), textcoords="offset points", xytext=(6, -10), fontsize=8, weight="bold")
+        ax.annotate("base", (b["x"], b["y"]), textcoords="offset points", xytext=(6 if b["x"] <= 0.7 else -28, -12),
+                    fontsize=8, weight="bold")
     ax.set_xlabel("over-refusal ↓ (mean over benchmarks)")
     ax.set_ylabel("ASR ↓ (mean over benchmarks)")
     ax.set_xlim(-0.05, 1.05)
@@ -100,7 +105,8 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path:
     for i, (prefix, title) in enumerate(PANELS):
         ax = fig.add_subplot(2, 2, i + 1)
         if not data[prefix] and not data[prefix + "_base"]:
-            ax.text(0.5, 0.5, f"no {prefix.replace('_', '-')} benchmark evaluated", ha="center", va="center")
+            hint = " (add scienceqa or vizwiz to the\nevaluation's benchmarks)" if prefix == "utility" else ""
+            ax.text(0.5, 0.5, f"no {prefix.replace('_', '-')} benchmark evaluated{hint}", ha="center", va="center")
             ax.set_axis_off()
             continue
         colors = {b: f"C{k}" for k, b in enumerate(sorted({ln["benchmark"] for ln in data[prefix]}

@@ -36,6 +36,26 @@ from .config import REPO_ROOT, Point, SweepConfig, expand, model_name, short_has
 from .table import collect, write_outputs
 
 LOCK = ".sweep_lock.json"
+LAUNCHER_VARIABLES = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"})
+
+
+def standalone_env() -> dict[str, str]:
+    """This process's environment without the distributed settings of an `accelerate launch` (or torchrun) that
+    started it: each child is its own launch."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES
+            and not k.startswith(("ACCELERATE_", "TORCHELASTIC_", "FSDP_"))}
+
+
+def leave_launcher() -> bool:
+    """Under a multi-process `accelerate launch`, True on the main process only (the others should exit: one process
+    drives the sweep); the launcher's distributed settings are dropped from this process's environment, so parsing
+    the recipes' configs here starts no process group and the children start clean."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    clean = standalone_env()
+    os.environ.clear()
+    os.environ.update(clean)
+    return main
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +121,7 @@ def check_configs(points: list[Point], train_script: Path, eval_script: Path) ->
                 file.write_text(yaml.safe_dump(config))
                 try:
                     parser.parse_args_and_config(["--config", str(file)])
-                except UserError as e:
+                except ValueError as e:  # a UserError, or a library's own check (e.g. bf16 without a GPU)
                     raise UserError(f"point {point.label}: {name} settings: {str(e).replace(str(file) + ': ', '')}"
                                     " (set in the sweep's train_config/train or eval_config/eval)") from None
 
@@ -138,7 +158,8 @@ class Runner:
         return ids
 
     def env(self, slot: int) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        """The child's environment: the sweep's (see `leave_launcher`), with its GPUs when points run side by side."""
+        env = {**standalone_env(), "PYTHONUNBUFFERED": "1"}
         if self.gpus:
             g = self.cfg.gpus_per_point
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * g:(slot + 1) * g])

@@ -18,12 +18,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..eval.report import dry_run_warning
 from ..io import atomic_write_text
 
 DOSE_COLUMNS = ("kind", "hash", "label", "n_refusal", "n_normal", "refusal_fraction", "refusal_label_tokens",
                 "mask_refusal_eos", "seed")
-TRAIN_COLUMNS = ("loss_refusal", "loss_normal", "loss", "tokens_seen", "steps")
+TRAIN_COLUMNS = ("loss_refusal", "loss_normal", "loss", "train_loss", "tokens_seen", "steps")
 METRICS = (  # metrics.json key, rate key, column prefix
     ("attack_success_rate", "attack_success_rate", "asr"), ("over_refusal", "over_refusal_rate", "over_refusal"),
     ("over_refusal", "full_refusal_rate", "over_refusal_full"),
@@ -35,10 +36,11 @@ def _read(path: Path) -> Any:
 
 
 def training_summary(state: dict[str, Any] | None) -> dict[str, Any]:
-    """Final logged split losses, loss, tokens seen and steps from a trainer_state.json (None where absent)."""
+    """From a trainer_state.json: the last logged split losses and loss, `train_loss` (the mean over the run), input
+    tokens seen and optimizer steps (None where absent)."""
     history = (state or {}).get("log_history", [])
     last = {key: next((h[key] for h in reversed(history) if key in h), None)
-            for key in ("loss_refusal", "loss_normal", "loss")}
+            for key in ("loss_refusal", "loss_normal", "loss", "train_loss")}
     return {**last, "tokens_seen": (state or {}).get("num_input_tokens_seen") or None,
             "steps": (state or {}).get("global_step")}
 
@@ -105,7 +107,7 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary.get("missing"):
         notes.append(f"not finished (not in the table): {', '.join(summary['missing'])}")
     notes.append("asr: full compliance / harmful prompts; over_refusal = full + partial refusals / safe prompts; "
-                 "losses: the last logged value; tokens_seen: non-padding input tokens")
+                 "losses: the last logged value (train_loss: the run's mean); tokens_seen: non-padding input tokens")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -137,7 +139,7 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, out: str | Path) ->
     for folder in (sweep_a, sweep_b):
         file = Path(folder) / "sweep.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found. Fix: give folders of finished sweeps (recipes/sweep.py)")
+            raise UserError(f"{file} not found. Fix: give folders of finished sweeps (recipes/sweep.py)")
         summaries[Path(folder).name if Path(sweep_a).name != Path(sweep_b).name else str(folder)] = _read(file)
     rows = [{"sweep": name, **row} for name, s in summaries.items() for row in s["rows"]]
     merged = {"columns": ["sweep", *columns(rows)], "rows": rows,
