@@ -232,3 +232,24 @@ def test_killed_sweep_resumes_skipping_finished_points_and_reusing_the_mix(tmp_p
     assert all(r["steps"] == "2" and float(r["loss_normal"]) > 0 and float(r["train_loss"]) > 0 and int(r["tokens_seen"]) > 0 for r in rows[1:])
     assert (tmp_path / "sweep" / "sweep.png").is_file() and "RANDOM-WEIGHT DRY RUN" in \
         (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_parallel_points_get_their_own_gpus_ports_and_a_clean_environment(monkeypatch):
+    from trl_rejection.sweep.runner import Runner, leave_launcher
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29400", "ACCELERATE_USE_FSDP": "true"}.items():
+        monkeypatch.setenv(name, value)
+    assert leave_launcher() and "WORLD_SIZE" not in os.environ and "ACCELERATE_USE_FSDP" not in os.environ
+    runner = Runner(config(parallel_points=2, gpus_per_point=2, launch_args=["--mixed_precision", "bf16"]), TRAIN, EVAL)
+    assert [runner.env(slot)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["3,5", "6,7"]
+    assert runner.launch_args(1) == ["--mixed_precision", "bf16", "--num_processes", "2", "--gpu_ids", "all",
+                                     "--main_process_port", "29501"]
+    with pytest.raises(UserError, match=r"parallel_points=3 x gpus_per_point=2 needs 6 GPUs, 4 are visible"):
+        Runner(config(parallel_points=3, gpus_per_point=2), TRAIN, EVAL)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # CPU: points share the cores, nothing placed
+    cpu = Runner(config(parallel_points=2), TRAIN, EVAL)
+    assert cpu.launch_args(1) == [] and cpu.env(1)["CUDA_VISIBLE_DEVICES"] == "3,5,6,7"
+    monkeypatch.setenv("RANK", "1")
+    assert not leave_launcher()  # another process of a multi-process launch: it leaves the sweep to the main one

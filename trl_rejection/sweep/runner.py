@@ -304,7 +304,8 @@ def run_sweep(cfg: SweepConfig, train_script: Path = REPO_ROOT / "recipes" / "sf
         def job(name: str, fn: Any, *args: Any) -> None:
             slot = runner.slots.get()
             try:
-                print(f"  {name}: started" + (f" (GPU slot {slot})" if runner.gpus else ""), flush=True)
+                gpus = runner.env(slot).get("CUDA_VISIBLE_DEVICES") if runner.gpus else None
+                print(f"  {name}: started" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus else ""), flush=True)
                 seconds = fn(runner, *args, slot)
                 print(f"  {name}: done ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})", flush=True)
             except (ChildFailed, UserError) as e:
