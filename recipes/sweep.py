@@ -2,7 +2,7 @@
 (recipes/eval_safety.py); the base model once; then one table (sweep.md, sweep.csv), one figure (sweep.png) and
 sweep.json.
 
-    python recipes/sweep.py                                               # the tiny default: 3 points, CPU, ~3 min
+    python recipes/sweep.py                                               # the tiny default: 3 points, CPU, ~1.5 min
     accelerate launch recipes/sweep.py --config recipes/configs/sweep_paper.yaml --parallel_points 4
     python recipes/sweep.py --compare outputs/sweep_a outputs/sweep_b --output_dir outputs/sweep_compare
 
@@ -18,7 +18,7 @@ from trl_rejection.errors import UserError, user_errors
 from trl_rejection.io import check_work_dir
 from trl_rejection.parsing import StrictTrlParser
 from trl_rejection.sweep import SweepConfig, SweepGrid, compare_sweeps, run_sweep
-from trl_rejection.sweep.runner import leave_launcher
+from trl_rejection.sweep.processes import leave_launcher
 
 HERE = Path(__file__).parent
 DEFAULT_CONFIG = HERE / "configs" / "sweep_tiny.yaml"

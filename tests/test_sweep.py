@@ -235,7 +235,7 @@ def test_killed_sweep_resumes_skipping_finished_points_and_reusing_the_mix(tmp_p
 
 
 def test_parallel_points_get_their_own_gpus_ports_and_a_clean_environment(monkeypatch):
-    from trl_rejection.sweep.runner import Runner, leave_launcher
+    from trl_rejection.sweep.processes import Runner, leave_launcher
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")

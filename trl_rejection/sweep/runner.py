@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import queue
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -33,63 +26,8 @@ from ..data import build_mix
 from ..errors import UserError
 from ..io import UnsafePathError, atomic_write_text, check_work_dir, real, terminate_as_interrupt
 from .config import REPO_ROOT, Point, SweepConfig, expand, model_name, short_hash
+from .processes import ChildFailed, Runner, running_elsewhere, sweep_lock
 from .table import collect, write_outputs
-
-LOCK = ".sweep_lock.json"
-LAUNCHER_VARIABLES = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"})
-
-
-def standalone_env() -> dict[str, str]:
-    """This process's environment without the distributed settings of an `accelerate launch` (or torchrun) that
-    started it: each child is its own launch."""
-    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES
-            and not k.startswith(("ACCELERATE_", "TORCHELASTIC_", "FSDP_"))}
-
-
-def leave_launcher() -> bool:
-    """Under a multi-process `accelerate launch`, True on the main process only (the others should exit: one process
-    drives the sweep); the launcher's distributed settings are dropped from this process's environment, so parsing
-    the recipes' configs here starts no process group and the children start clean."""
-    main = int(os.environ.get("RANK", "0")) == 0
-    clean = standalone_env()
-    os.environ.clear()
-    os.environ.update(clean)
-    return main
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _running_elsewhere(file: Path) -> int | None:
-    """The pid recorded in `file` when that process still runs on this host, else None."""
-    try:
-        owner = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    pid = int(owner.get("pid", 0)) if isinstance(owner, dict) else 0
-    return pid if pid and owner.get("host") == socket.gethostname() and pid != os.getpid() and _alive(pid) else None
-
-
-@contextmanager
-def sweep_lock(out: Path) -> Iterator[None]:
-    """One sweep process per folder: refuse while another (alive) holds it; a killed one's lock is taken over."""
-    file = out / LOCK
-    if pid := _running_elsewhere(file):
-        raise UserError(f"{out} is being swept by process {pid}. Fix: wait for it to finish, or stop it first")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(file, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    try:
-        yield
-    finally:
-        file.unlink(missing_ok=True)
 
 
 def _load_recipe(path: Path) -> Any:
@@ -126,80 +64,6 @@ def check_configs(points: list[Point], train_script: Path, eval_script: Path) ->
                                     " (set in the sweep's train_config/train or eval_config/eval)") from None
 
 
-class ChildFailed(RuntimeError):
-    """A training or evaluation child process exited with an error."""
-
-
-class Runner:
-    """Launches child processes for jobs, at most `parallel_points` at a time, each in its own GPU slot."""
-
-    def __init__(self, cfg: SweepConfig, train_script: Path, eval_script: Path):
-        self.cfg, self.train_script, self.eval_script = cfg, train_script, eval_script
-        self.procs: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
-        self.slots: queue.Queue[int] = queue.Queue()
-        for slot in range(cfg.parallel_points):
-            self.slots.put(slot)
-        self.gpus = self._gpu_ids() if cfg.parallel_points > 1 else []
-
-    def _gpu_ids(self) -> list[str]:
-        """Visible GPU ids (as CUDA_VISIBLE_DEVICES names them); checked against parallel_points x gpus_per_point."""
-        import torch
-
-        count = torch.cuda.device_count()
-        if count == 0:
-            return []
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [v.strip() for v in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
-        need = self.cfg.parallel_points * self.cfg.gpus_per_point
-        if need > len(ids):
-            raise UserError(f"parallel_points={self.cfg.parallel_points} x gpus_per_point={self.cfg.gpus_per_point} "
-                            f"needs {need} GPUs, {len(ids)} are visible. Fix: lower parallel_points")
-        return ids
-
-    def env(self, slot: int) -> dict[str, str]:
-        """The child's environment: the sweep's (see `leave_launcher`), with its GPUs when points run side by side."""
-        env = {**standalone_env(), "PYTHONUNBUFFERED": "1"}
-        if self.gpus:
-            g = self.cfg.gpus_per_point
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[slot * g:(slot + 1) * g])
-        return env
-
-    def launch_args(self, slot: int) -> list[str]:
-        """`accelerate launch` arguments; a parallel point on GPUs gets its own processes, GPUs and port."""
-        args = list(self.cfg.launch_args)
-        if self.gpus:
-            args += ["--num_processes", str(self.cfg.gpus_per_point), "--gpu_ids", "all",
-                     "--main_process_port", str(29500 + slot)]
-        return args
-
-    def run(self, cmd: list[str], log: Path, slot: int, running: Path) -> float:
-        """Run `cmd` with its output in `log`; record its pid in `running` while it runs. Returns seconds."""
-        start = time.perf_counter()
-        with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(slot))
-            with self.lock:
-                self.procs.add(proc)
-            atomic_write_text(running, json.dumps({"pid": proc.pid, "host": socket.gethostname(), "cmd": cmd}))
-            try:
-                code = proc.wait()
-            finally:
-                with self.lock:
-                    self.procs.discard(proc)
-        running.unlink(missing_ok=True)
-        if code != 0:
-            lines = log.read_text(errors="replace").splitlines()
-            errors = [line for line in lines if line.startswith("error:")]
-            reason = errors[-1] if errors else " / ".join(lines[-3:])
-            raise ChildFailed(f"{Path(cmd[-3]).name} exited with status {code} ({reason}); log: {log}")
-        return time.perf_counter() - start
-
-    def stop_all(self) -> None:
-        with self.lock:
-            for proc in self.procs:
-                proc.terminate()
-
-
 def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
@@ -212,7 +76,7 @@ def _fresh(folder: Path, what: str) -> None:
         if not (folder / "point.json").is_file():
             raise UnsafePathError(f"{folder} exists without point.json, so it is not a {what} folder this tool "
                                   "wrote. Fix: move it away")
-        if pid := _running_elsewhere(folder / "running.json"):
+        if pid := running_elsewhere(folder / "running.json"):
             raise UserError(f"{folder} is still being written by process {pid} (left by a killed sweep). Fix: stop "
                             f"that process (kill {pid}), then rerun")
         shutil.rmtree(folder)
