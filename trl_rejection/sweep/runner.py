@@ -117,8 +117,9 @@ def run_point(runner: Runner, point: Point, folder: Path, mix_dir: Path, slot: i
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *runner.launch_args(slot), str(runner.train_script),
            "--config", str(_write_yaml(folder / "train_config.yaml", train))]
     seconds = {"train": runner.run(cmd, folder / "train.log", slot, folder / "running.json")}
-    use_peft = point.train.get("use_peft", False)
-    model, adapter = (model_name(point.train), str(train_dir / "final")) if use_peft else (str(train_dir / "final"), None)
+    adapter_only = point.train.get("use_peft", False) and not point.train.get("merge_adapter", False)
+    final = str(train_dir / "final")  # the adapter, or the whole model (full fine-tuning, merge_adapter)
+    model, adapter = (model_name(point.train), final) if adapter_only else (final, None)
     evaluation = _eval_config(point, model, adapter, folder / "eval")
     cmd = [sys.executable, str(runner.eval_script), "--config", str(_write_yaml(folder / "eval_config.yaml", evaluation))]
     seconds["eval"] = runner.run(cmd, folder / "eval.log", slot, folder / "running.json")
