@@ -143,7 +143,7 @@ def compare_sweeps(sweep_a: str | Path, sweep_b: str | Path, out: str | Path) ->
         summaries[Path(folder).name if Path(sweep_a).name != Path(sweep_b).name else str(folder)] = _read(file)
     rows = [{"sweep": name, **row} for name, s in summaries.items() for row in s["rows"]]
     merged = {"columns": ["sweep", *columns(rows)], "rows": rows,
-              "dry_run": "; ".join(s["dry_run"] for s in summaries.values() if s.get("dry_run")) or None,
+              "dry_run": "; ".join(dict.fromkeys(s["dry_run"] for s in summaries.values() if s.get("dry_run"))) or None,
               "missing": [m for s in summaries.values() for m in s.get("missing", [])]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
