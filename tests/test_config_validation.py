@@ -217,6 +217,13 @@ def test_every_shipped_config_parses(config, tmp_path):
     if config.name.startswith("eval_"):
         eval_recipe(["--config", str(config)])
         return
+    if config.name.startswith("sweep_"):
+        from trl_rejection.sweep import SweepConfig, SweepGrid
+
+        (sweep,) = StrictTrlParser(SweepConfig, nested={"grid": SweepGrid}).parse_args_and_config(
+            ["--config", str(config)])
+        assert (ROOT / sweep.train_config).is_file() and sweep.grid
+        return
     script, args, _ = sft_recipe(["--config", str(config)], tmp_path)
     assert script.mix is None or MixConfig(**script.mix).counts()[0] > 0
 
