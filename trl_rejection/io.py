@@ -97,7 +97,8 @@ def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, marker: 
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process `pid` runs on this host (signal 0 probe)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,7 +131,7 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
         return removed
     for folder in sorted(target.parent.glob(f".{target.name}.{_TAG}-*")):
         owner = _ours(folder, target)
-        if owner is None or (owner.get("host") == socket.gethostname() and _pid_alive(int(owner.get("pid", 0)))):
+        if owner is None or (owner.get("host") == socket.gethostname() and pid_alive(int(owner.get("pid", 0)))):
             continue
         if owner.get("role") == "previous" and not target.exists():
             (folder / _OWNER_FILE).unlink()

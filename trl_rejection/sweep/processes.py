@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, pid_alive
 from .config import SweepConfig
 
 LOCK = ".sweep_lock.json"
@@ -48,16 +48,6 @@ def leave_launcher() -> bool:
     return main
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_elsewhere(file: Path) -> int | None:
     """The pid recorded in `file` when that process still runs on this host, else None."""
     try:
@@ -65,7 +55,7 @@ def running_elsewhere(file: Path) -> int | None:
     except (OSError, ValueError):
         return None
     pid = int(owner.get("pid", 0)) if isinstance(owner, dict) else 0
-    return pid if pid and owner.get("host") == socket.gethostname() and pid != os.getpid() and _alive(pid) else None
+    return pid if pid and owner.get("host") == socket.gethostname() and pid != os.getpid() and pid_alive(pid) else None
 
 
 @contextmanager
