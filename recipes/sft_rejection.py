@@ -27,7 +27,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
 from trl_rejection.data import MixConfig, build_mix
 from trl_rejection.data.formats import load_dataset_location
-from trl_rejection.errors import user_errors
+from trl_rejection.errors import UserError, user_errors
 from trl_rejection.hub import check_extras, model_card, push_dataset, push_model
 from trl_rejection.io import check_work_dir
 from trl_rejection.parsing import StrictTrlParser
@@ -232,7 +232,7 @@ def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
         if builder:
             build_mix(cfg, mix_dir, overwrite=True, command=" ".join(sys.argv))
         if not mix_dir.is_dir():
-            raise FileNotFoundError(
+            raise UserError(
                 f"Process {training_args.process_index} cannot see the mix built at {mix_dir} by the main process. "
                 "Fix: put `output_dir` on a disk every node shares, or pass `--mix_build per_node` so that each "
                 "node builds its own copy, or build it beforehand (`trl-rejection mix`) and pass `--dataset_path`.")

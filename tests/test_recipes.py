@@ -98,6 +98,7 @@ spec = importlib.util.spec_from_file_location("sft_rejection", sys.argv[1])
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
 from trl_rejection import RejectionSFTConfig
+from trl_rejection.errors import UserError
 rank, log = int(os.environ["RANK"]), sys.argv[2]
 
 def note(event, **kw):
@@ -128,7 +129,7 @@ script = recipe.ScriptArguments(mix=json.dumps({"n_refusal": 8, "n_normal": 24})
 try:
     ds, where = recipe.load_mix(script, args)
     note("loaded", rows=len(ds), ids=list(ds["id"]), local=args.local_process_index, index=args.process_index)
-except FileNotFoundError as e:
+except UserError as e:
     note("missing", error=str(e))
 """
 
