@@ -23,6 +23,11 @@ Runs (global batch 32 each):
     fsdp1     fsdp.yaml on 1 GPU, 16 x 2 (FSDP's precision regime without sharding: bf16 parameters in compute,
               bf16 gradient reduction, fp32 trainable masters)
     zero3x1   zero3.yaml on 1 GPU, 16 x 2 (DeepSpeed's bf16 regime without sharding)
+    fsdp1_b32, zero3x1_b32   the same on 1 GPU, 32 x 1 (the noise floor of those regimes)
+    ddp_nofind      ddp with --ddp_find_unused_parameters false
+    ddp_unbalanced  ddp with --balance_micro_batches false (each GPU's 16 rows as a plain shuffle splits them)
+    zero3_noleaf    zero3 with --zero3_leaf_modules false (DeepSpeed fetches every linear layer on its own)
+Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for their losses, not their speed.
     ddp       multi_gpu.yaml, 2 processes x 16        zero2  zero2.yaml, 2 x 16
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
@@ -50,10 +55,14 @@ SMALL = os.environ.get("SMALL") == "1"
 ROWS = int(os.environ.get("ROWS", "320"))
 WARM = int(os.environ.get("WARM", "3"))
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
-RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation)
-    "ref1": ("single_gpu", 1, 16, 2), "ref1_b32": ("single_gpu", 1, 32, 1), "ref1_rep": ("single_gpu", 1, 16, 2),
-    "ddp": ("multi_gpu", 2, 16, 1), "fsdp": ("fsdp", 2, 16, 1), "zero3": ("zero3", 2, 16, 1),
-    "zero2": ("zero2", 2, 16, 1), "fsdp1": ("fsdp", 1, 16, 2), "zero3x1": ("zero3", 1, 16, 2),
+RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation, extra recipe flags)
+    "ref1": ("single_gpu", 1, 16, 2, ()), "ref1_b32": ("single_gpu", 1, 32, 1, ()),
+    "ref1_rep": ("single_gpu", 1, 16, 2, ()), "ddp": ("multi_gpu", 2, 16, 1, ()), "fsdp": ("fsdp", 2, 16, 1, ()),
+    "zero3": ("zero3", 2, 16, 1, ()), "zero2": ("zero2", 2, 16, 1, ()), "fsdp1": ("fsdp", 1, 16, 2, ()),
+    "fsdp1_b32": ("fsdp", 1, 32, 1, ()), "zero3x1": ("zero3", 1, 16, 2, ()), "zero3x1_b32": ("zero3", 1, 32, 1, ()),
+    "ddp_nofind": ("multi_gpu", 2, 16, 1, ("--ddp_find_unused_parameters", "false")),
+    "ddp_unbalanced": ("multi_gpu", 2, 16, 1, ("--balance_micro_batches", "false")),
+    "zero3_noleaf": ("zero3", 2, 16, 1, ("--zero3_leaf_modules", "false")),
 }
 
 
@@ -89,21 +98,22 @@ def run_key(name: str) -> str:
 
 def launch_cmd(name: str) -> list[str]:
     key = run_key(name)
-    cfg, n, bs, accumulation = RUNS[key]
+    cfg, n, bs, accumulation, flags = RUNS[key]
     if SMALL:
         how = (["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"] if n == 1 else
                ["--config_file", str(ROOT / "recipes/accelerate_configs/multi_cpu.yaml")])
         extra = ["--use_cpu", "true", "--bf16", "false", "--dtype", "float32", "--dataloader_num_workers", "0",
                  "--per_device_train_batch_size", str(bs // 4), "--gradient_checkpointing", "false"]
     else:
-        how = ["--config_file", str(ROOT / f"recipes/accelerate_configs/{cfg}.yaml"), "--num_processes", str(n)]
+        how = ["--config_file", str(ROOT / f"recipes/accelerate_configs/{cfg}.yaml"), "--num_processes", str(n),
+               "--main_process_port", str(29500 + sorted(RUNS).index(key))]  # runs side by side need their own
         extra = ["--per_device_train_batch_size", str(bs)]
     out = WORK / "out" / (key + "_ckpt" if name.endswith("_resume") else name)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, str(ROOT / "recipes/sft_rejection.py"),
            "--config", str(ROOT / "bench/scale_llava7b.yaml"), "--model_name_or_path", str(WORK / "model"),
            "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
            "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
-           "--gradient_accumulation_steps", str(accumulation), *extra]
+           "--gradient_accumulation_steps", str(accumulation), *extra, *flags]
     if name.endswith("_ckpt"):
         cmd += ["--save_strategy", "steps", "--save_steps", "5"]
     if name.endswith("_resume"):
@@ -120,23 +130,40 @@ def batches(out: Path) -> list[frozenset]:
     return seen
 
 
-def run(name: str) -> dict:
+def start(name: str, gpu: int | None = None) -> subprocess.Popen:
     (WORK / "out").mkdir(parents=True, exist_ok=True)
-    metrics = WORK / "out" / f"{name}.metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    cmd = launch_cmd(name)
+    (WORK / "out" / f"{name}.metrics.jsonl").unlink(missing_ok=True)
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
+    return subprocess.Popen(launch_cmd(name), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=WORK,
+                            env=env)
+
+
+def run_group(group: str) -> list[dict]:
+    """One run, or runs joined by "+" side by side, one per GPU (1-GPU runs for losses, not for timing)."""
+    names = group.split("+")
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=WORK)
-        rc, text = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-    wall = time.perf_counter() - t0
+    procs = [start(name, gpu=i if len(names) > 1 else None) for i, name in enumerate(names)]
+    records = []
+    for name, proc in zip(names, procs):
+        try:
+            text, _ = proc.communicate(timeout=max(1.0, TIMEOUT - (time.perf_counter() - t0)))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, rc = proc.communicate()[0], "timeout"
+        records.append(finish(name, rc, text or "", time.perf_counter() - t0, side_by_side=len(names) > 1))
+    return records
+
+
+def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool) -> dict:
+    cmd = launch_cmd(name)
+    metrics = WORK / "out" / f"{name}.metrics.jsonl"
     with open(OUT / "runs.log", "a") as f:
         f.write(f"\n===== {name} rc={rc} wall={wall:.0f}s\n{' '.join(cmd)}\n{text[-6000:]}\n")
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    cfg, n, bs, accumulation = RUNS[run_key(name)]
+    cfg, n, bs, accumulation, flags = RUNS[run_key(name)]
     record = dict(variant=name, config=cfg, processes=n, per_device_batch=bs, accumulation=accumulation, rc=rc,
+                  flags=list(flags), side_by_side=side_by_side,
                   wall_s=round(wall, 1), steps=len(steps), losses=[s["loss"] for s in steps],
                   loss_refusal=[s.get("loss_refusal") for s in steps],
                   loss_normal=[s.get("loss_normal") for s in steps],
@@ -151,7 +178,8 @@ def run(name: str) -> dict:
         record["error_tail"] = "\n".join(line for line in text.splitlines()[-40:]
                                          if "Error" in line or "error" in line)[-1500:]
     out = WORK / "out" / name
-    if out.is_dir() and (WORK / "out" / "ref1").is_dir() and name != "ref1" and bs == 16 and "_" not in name:
+    if out.is_dir() and (WORK / "out" / "ref1").is_dir() and name != "ref1" and bs == 16 \
+            and not name.endswith(("_ckpt", "_resume")):
         record["same_batches_as_ref1"] = sorted(map(sorted, batches(out))) == sorted(
             map(sorted, batches(WORK / "out" / "ref1")))
     log(record)
@@ -189,7 +217,8 @@ def main() -> None:
     if what == "prepare":
         prepare()
         return
-    records = [run(name) for name in os.environ.get("RUNS", "ref1,ddp,fsdp,zero3").split(",") if name]
+    records = [r for group in os.environ.get("RUNS", "ref1,ddp,fsdp,zero3").split(",") if group
+               for r in run_group(group)]
     table(records)
 
 

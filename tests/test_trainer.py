@@ -136,7 +136,7 @@ def test_split_losses_do_not_depend_on_how_the_global_batch_is_split(tmp_path):
 
 
 def test_fsdp_wraps_the_blocks_each_model_has():
-    from trl_rejection.trainer import fsdp_layer_classes
+    from trl_rejection.distributed import fsdp_layer_classes
 
     llava = fsdp_layer_classes(make_model("llava-1.5", make_processor("llava-1.5")))
     assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(llava) and "CLIPTextEmbeddings" not in llava

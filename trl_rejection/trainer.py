@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any
 
 import torch
@@ -25,7 +24,8 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, ProcessorMixin
 from trl import SFTTrainer
 
-from . import batching
+from . import batching, distributed
+from .balance import TokenBalancedSampler
 from .collator import IGNORE_INDEX, RejectionDataCollator
 from .config import RejectionSFTConfig
 from .spans import message_text
@@ -63,18 +63,6 @@ def _drop_empty_images(ds: Any, name: str) -> Any:
                              "vision-language model (its processing class is a tokenizer). Fix: use a VLM and its "
                              "processor, or filter out image rows.")
     return ds.remove_columns("images")
-
-
-def fsdp_layer_classes(model: torch.nn.Module) -> list[str]:
-    """The block classes FSDP shards one by one for this model: every `_no_split_modules` entry of the model and of
-    its sub-models that occurs in it, e.g. `CLIPEncoderLayer`, `CLIPVisionEmbeddings` and `LlamaDecoderLayer` for
-    LLaVA-1.5, `Qwen2_5_VLDecoderLayer` and `Qwen2_5_VLVisionBlock` for Qwen2.5-VL. (A composite model's own list
-    also names parts it does not hold, such as LLaVA's `CLIPTextEmbeddings`, which accelerate then cannot find.)"""
-    present = {type(m).__name__ for m in model.modules()}
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    return sorted(n for n in names if n in present)
 
 
 class RejectionSFTTrainer(SFTTrainer):
@@ -134,57 +122,15 @@ class RejectionSFTTrainer(SFTTrainer):
             args.padding_free = padding_free
         self._split_sums: dict[str, list[float]] = {}
         self.padding_free = padding_free and self._setup_padding_free()
-        self._setup_fsdp_wrapping()
+        distributed.setup_fsdp_wrapping(self.accelerator, self.model)
+        distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             batching.fuse_elementwise_ops(self.model)
 
-    def _setup_fsdp_wrapping(self) -> None:
-        """Under FSDP, shard this model's blocks one by one: the accelerate config's
-        `fsdp_transformer_layer_cls_to_wrap` if it names classes of this model, else `fsdp_layer_classes(model)`."""
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if plugin is None:
-            return
-        present = {type(m).__name__ for m in self.model.modules()}
-        names = plugin.transformer_cls_names_to_wrap
-        if isinstance(names, str):
-            names = [n for n in names.split(",") if n]
-        if names:
-            missing = [n for n in names if n not in present]
-            if missing:
-                raise ValueError(
-                    f"fsdp_transformer_layer_cls_to_wrap names {missing}, which this model "
-                    f"({type(self.accelerator.unwrap_model(self.model)).__name__}) does not have; its blocks are "
-                    f"{fsdp_layer_classes(self.model)}. Fix: drop the key from the accelerate config (the trainer "
-                    "then wraps this model's own blocks), or name classes of this model.")
-        else:
-            names = fsdp_layer_classes(self.model)
-        plugin.transformer_cls_names_to_wrap = list(names)
-        os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(names)  # what PEFT's FSDP1 wrap policy reads
-        logger.info("FSDP wraps %s", names)
-
     def train(self, *args, **kwargs):
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+        with distributed.fsdp2_block_policy(self.accelerator):
             return super().train(*args, **kwargs)
-        # With a PEFT model, transformers swaps the FSDP wrap policy for PEFT's (an `_or_policy` of a lambda and a
-        # block policy), which accelerate's FSDP2 path does not recognise: it then shards only the root module, the
-        # whole model as one unit. FSDP2 shards per parameter, so the LoRA layers need no units of their own: keep
-        # the block policy, and whatever else PEFT's update sets (QLoRA's storage dtype).
-        import transformers.trainer as hf_trainer
-
-        original = hf_trainer.update_fsdp_plugin_peft
-
-        def keep_block_policy(model, accelerator):
-            policy = accelerator.state.fsdp_plugin.auto_wrap_policy
-            original(model, accelerator)
-            accelerator.state.fsdp_plugin.auto_wrap_policy = policy
-
-        hf_trainer.update_fsdp_plugin_peft = keep_block_policy
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            hf_trainer.update_fsdp_plugin_peft = original
 
     def _setup_padding_free(self) -> bool:
         """Turn on our collator's padding-free batches if the model can keep packed rows apart."""
@@ -221,18 +167,23 @@ class RejectionSFTTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, Dataset):
+        strategy = self.args.train_sampling_strategy
+        balance = self.args.balance_micro_batches and self.padding_free and strategy == "random"
+        chunks = self.args.world_size * self.args.gradient_accumulation_steps
+        if not isinstance(dataset, Dataset) or not (strategy == "group_by_length" or (balance and chunks > 1)):
             return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if self.args.length_column_name in dataset.column_names:
             lengths = [int(x) for x in dataset[self.args.length_column_name]]
             _, has_image = batching.estimate_lengths(dataset, image_tokens=1)
         else:
             image_tokens = batching.image_token_count(self.processing_class)
             lengths, has_image = batching.estimate_lengths(dataset, image_tokens=image_tokens)
+        if strategy != "group_by_length":
+            return TokenBalancedSampler(lengths, self.args.per_device_train_batch_size, chunks, seed=seed)
         return batching.ModalityLengthGroupedSampler(
             lengths, has_image, batch_size=self.args.per_device_train_batch_size,
-            world_size=self.args.world_size, seed=self.args.data_seed if self.args.data_seed is not None
-            else self.args.seed)
+            world_size=self.args.world_size, seed=seed)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:

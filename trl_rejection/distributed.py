@@ -1,0 +1,127 @@
+"""Sharded training set-up for `RejectionSFTTrainer`: which blocks FSDP shards one by one, and ZeRO-3's
+fetch granularity. Both act only when `accelerate launch` selected that backend."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+ZERO3_DEFAULTS = {"overlap_comm": True, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
+"""ZeRO-3 settings filled in where the user's DeepSpeed config leaves them out (or "auto")."""
+
+
+def fsdp_layer_classes(model: torch.nn.Module) -> list[str]:
+    """The block classes sharded (FSDP) or fetched (ZeRO-3) one by one for this model: every `_no_split_modules`
+    entry of the model and of its sub-models that occurs in it, e.g. `CLIPEncoderLayer`, `CLIPVisionEmbeddings` and
+    `LlamaDecoderLayer` for LLaVA-1.5, `Qwen2_5_VLDecoderLayer` and `Qwen2_5_VLVisionBlock` for Qwen2.5-VL. (A
+    composite model's own list also names parts it does not hold, such as LLaVA's `CLIPTextEmbeddings`, which
+    accelerate then cannot find.)"""
+    present = {type(m).__name__ for m in model.modules()}
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return sorted(n for n in names if n in present)
+
+
+def setup_fsdp_wrapping(accelerator: Any, model: torch.nn.Module) -> list[str] | None:
+    """Under FSDP, shard the model's blocks one by one: the accelerate config's `fsdp_transformer_layer_cls_to_wrap`
+    if it names classes of this model, else `fsdp_layer_classes(model)`. Returns the classes, None without FSDP."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        return None
+    present = {type(m).__name__ for m in model.modules()}
+    names = plugin.transformer_cls_names_to_wrap
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    if names:
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise ValueError(
+                f"fsdp_transformer_layer_cls_to_wrap names {missing}, which this model "
+                f"({type(accelerator.unwrap_model(model)).__name__}) does not have; its blocks are "
+                f"{fsdp_layer_classes(model)}. Fix: drop the key from the accelerate config (the trainer "
+                "then wraps this model's own blocks), or name classes of this model.")
+    else:
+        names = fsdp_layer_classes(model)
+    plugin.transformer_cls_names_to_wrap = list(names)
+    os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = ",".join(names)  # what PEFT's FSDP1 wrap policy reads
+    logger.info("FSDP wraps %s", names)
+    return list(names)
+
+
+@contextlib.contextmanager
+def fsdp2_block_policy(accelerator: Any) -> Iterator[None]:
+    """While `Trainer.train` prepares an FSDP2 model, keep the block wrap policy set by `setup_fsdp_wrapping`.
+
+    With a PEFT model, transformers swaps the policy for PEFT's (an `_or_policy` of a lambda and a block policy),
+    which accelerate's FSDP2 path does not recognise: it then shards only the root module, the whole model as one
+    unit. FSDP2 shards per parameter, so the LoRA layers need no units of their own: keep the block policy, and
+    whatever else PEFT's update sets (QLoRA's storage dtype). Patches `transformers.trainer.update_fsdp_plugin_peft`
+    (listed in docs/internals.md)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+        yield
+        return
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.update_fsdp_plugin_peft
+
+    def keep_block_policy(model, accelerator):
+        policy = accelerator.state.fsdp_plugin.auto_wrap_policy
+        original(model, accelerator)
+        accelerator.state.fsdp_plugin.auto_wrap_policy = policy
+
+    hf_trainer.update_fsdp_plugin_peft = keep_block_policy
+    try:
+        yield
+    finally:
+        hf_trainer.update_fsdp_plugin_peft = original
+
+
+def _zero3_configs(accelerator: Any) -> list[dict]:
+    """The DeepSpeed config dicts `deepspeed.initialize` will read (the plugin's and its HF wrapper's), if ZeRO-3."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        return []
+    configs = [plugin.deepspeed_config]
+    hf_config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+    if isinstance(hf_config, dict) and hf_config is not plugin.deepspeed_config:
+        configs.append(hf_config)
+    return configs
+
+
+def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = True) -> dict[str, Any] | None:
+    """Under ZeRO-3, fetch whole blocks instead of every linear layer (and LoRA factor) on its own.
+
+    Marks the model's blocks (`fsdp_layer_classes`) as ZeRO-3 leaf modules (`deepspeed.utils.set_z3_leaf_modules`):
+    DeepSpeed then hooks, gathers and releases one block at a time, not each of its ~20 sub-modules, and prefetches
+    the next block. Fills `stage3_prefetch_bucket_size` (two blocks) and `ZERO3_DEFAULTS` where the user's config
+    leaves them out or "auto". Returns the settings applied, None without ZeRO-3. Call before `Trainer.train`."""
+    configs = _zero3_configs(accelerator)
+    if not configs:
+        return None
+    names = fsdp_layer_classes(model)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    block_numel = max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in blocks), default=0)
+    wanted = {**ZERO3_DEFAULTS, "stage3_prefetch_bucket_size": int(2 * block_numel) or "auto"}
+    applied: dict[str, Any] = {}
+    for config in configs:
+        zero = config.setdefault("zero_optimization", {})
+        for key, value in wanted.items():
+            if zero.get(key, "auto") == "auto":
+                zero[key] = applied[key] = value
+    if leaf_modules and blocks:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, sorted({type(m) for m in blocks}, key=lambda c: c.__name__))
+        applied["leaf_modules"] = names
+    logger.info("ZeRO-3 settings: %s", applied)
+    return applied
