@@ -317,8 +317,12 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
             else type(trainer.accelerator.unwrap_model(trainer.model)).from_pretrained(final)
     if full_model is not None:  # generation needs the whole model on one process, not shards
         trainer.model = full_model.to(trainer.args.device)
-    results = evaluate_bundled(trainer, processor, output_dir, script_args.eval_max_new_tokens) \
-        if script_args.eval_bundled else None
+    results = None
+    if script_args.eval_bundled:
+        # The other processes have returned: under ZeRO-3, `generate` would sync every step with them (its
+        # `synced_gpus` default) and wait forever. The whole model is on this process, so generate alone.
+        with without_zero3() if sharded else contextlib.nullcontext():
+            results = evaluate_bundled(trainer, processor, output_dir, script_args.eval_max_new_tokens)
     base = model_args.model_name_or_path or TINY
     (final / "README.md").write_text(model_card(base, mix_location, training_args, model_args, results))
     if push_model_to:

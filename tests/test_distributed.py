@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 from trl_rejection.distributed import ZERO3_DEFAULTS, fsdp_layer_classes, setup_zero3
@@ -44,3 +47,30 @@ def test_zero3_setup_does_nothing_without_zero3_or_when_leaves_are_off(monkeypat
     acc = _accelerator(3, {})
     applied = setup_zero3(acc, model, leaf_modules=False)  # no DeepSpeed import needed
     assert "leaf_modules" not in applied and applied["overlap_comm"] is True
+
+
+def test_without_zero3_lets_one_process_generate_alone(monkeypatch):
+    """Under ZeRO-3, `generate` syncs every step with the other processes (`synced_gpus` defaults to
+    `is_deepspeed_zero3_enabled()`); the recipe evaluates on the main process alone inside `without_zero3`, where
+    ZeRO-3 reads as off (and FSDP's loading flag is unset), and both come back afterwards."""
+    from transformers.integrations import deepspeed as hf_ds
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    spec = importlib.util.spec_from_file_location(
+        "sft_recipe", Path(__file__).resolve().parents[1] / "recipes" / "sft_rejection.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+
+    class FakeZero3:
+        def is_zero3(self) -> bool:
+            return True
+
+    config = FakeZero3()
+    monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", lambda: config)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert is_deepspeed_zero3_enabled()
+    with recipe.without_zero3():
+        assert not is_deepspeed_zero3_enabled()
+        assert "ACCELERATE_USE_FSDP" not in os.environ
+    assert is_deepspeed_zero3_enabled()
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"
