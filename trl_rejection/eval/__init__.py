@@ -1,12 +1,18 @@
 """Safety evaluation: benchmark loaders, resumable batched generation, typographic attack sets, scoring and reports.
 
+Generation (torch) loads on first use of `generate`, `load_model_and_processor` or `prepare_for_generation`, so
+scoring and reports start without torch.
+
 Example:
     >>> from trl_rejection.eval import generate, load_benchmark, load_model_and_processor, report_run
-    >>> model, processor = load_model_and_processor("tiny-llava")  # doctest: +SKIP
+    >>> model, processor = load_model_and_processor("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
     >>> records = load_benchmark("bundled", "runs/x/bundled")  # doctest: +SKIP
     >>> generate(model, processor, records, "runs/x/generations.jsonl")  # doctest: +SKIP
     >>> report_run("runs/x")["bundled"]["attack_success_rate"]["attack_success_rate"]  # doctest: +SKIP
 """
+
+from importlib import import_module
+from typing import Any
 
 from trl_rejection.eval.benchmarks import (
     BENCHMARKS,
@@ -24,7 +30,7 @@ from trl_rejection.eval.benchmarks import (
     load_vlguard,
     load_xstest,
 )
-from trl_rejection.eval.generate import TINY_MODEL, generate, load_model_and_processor, read_generations
+from trl_rejection.eval.generations import read_generations
 from trl_rejection.eval.report import (
     compare_runs,
     compute_metrics,
@@ -50,7 +56,6 @@ __all__ = [
     "BENCHMARKS",
     "FIGSTEP_PROMPT",
     "MM_SAFETYBENCH_SCENARIOS",
-    "TINY_MODEL",
     "TYPO_PROMPT",
     "VLGUARD_SUBSETS",
     "BenchmarkError",
@@ -76,6 +81,7 @@ __all__ = [
     "normalize_answer",
     "parse_choice",
     "plot_asr",
+    "prepare_for_generation",
     "read_generations",
     "render_figstep",
     "render_prompts",
@@ -85,3 +91,11 @@ __all__ = [
     "score_utility",
     "vqa_accuracy",
 ]
+
+_GENERATION = ("generate", "load_model_and_processor", "prepare_for_generation")  # in trl_rejection.eval.generate
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GENERATION:
+        return getattr(import_module("trl_rejection.eval.generate"), name)
+    raise AttributeError(f"module 'trl_rejection.eval' has no attribute {name!r}")

@@ -22,7 +22,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trl_rejection.eval.generate import TINY_MODEL, read_generations
+from trl_rejection.constants import TINY_MODEL
+from trl_rejection.eval.generations import read_generations
 from trl_rejection.eval.scoring import JudgeSpec, Metrics, compute_metrics, score_generations
 from trl_rejection.io import atomic_write_bytes, atomic_write_text
 from trl_rejection.metrics.judge import Judge

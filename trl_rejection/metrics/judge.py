@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from trl_rejection.processing import is_vlm_processor, tokenizer_of
+
 FULL_COMPLIANCE = "full_compliance"
 FULL_REFUSAL = "full_refusal"
 PARTIAL_REFUSAL = "partial_refusal"
@@ -257,8 +259,8 @@ class LlamaGuardJudge:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_name_or_path)
-        self.vision = hasattr(self.processor, "image_processor")
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.vision = is_vlm_processor(self.processor)
+        self.tokenizer = tokenizer_of(self.processor)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

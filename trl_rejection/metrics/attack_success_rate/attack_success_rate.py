@@ -6,16 +6,11 @@ see README.md here for the metric card.
 
 import evaluate
 
+from trl_rejection.constants import PAPER_CITATION
 from trl_rejection.metrics import base  # a module, not its class: evaluate.load takes the first Metric class it sees
 from trl_rejection.metrics.rates import asr_summary
 
-_CITATION = """\
-@inproceedings{wang2025curated,
-  title     = {Do We Really Need Curated Malicious Data for Safety Alignment in Multi-modal Large Language Models?},
-  author    = {Wang, Yanbo and Guan, Jiyang and Liang, Jian and He, Ran},
-  booktitle = {CVPR},
-  year      = {2025}
-}
+_CITATION = PAPER_CITATION + """
 @inproceedings{liu2024mmsafetybench,
   title     = {MM-SafetyBench: A Benchmark for Safety Evaluation of Multimodal Large Language Models},
   author    = {Liu, Xin and Zhu, Yichen and Gu, Jindong and Lan, Yunshi and Yang, Chao and Qiao, Yu},

@@ -4,21 +4,22 @@ Everything is built in process: tokenizers are trained on a small built-in corpu
 family's real tokenization pipeline and special tokens, byte fallback or byte-level so any unicode string encodes
 without `<unk>`), image processors and models are configured small. Nothing is downloaded.
 
-Chat templates in `templates/<family>.jinja` are byte-exact copies of the templates the Hub repos ship:
+Chat templates are the templates the Hub repos ship, byte for byte. TRL stores eight of them in its package
+(`trl/chat_templates/`, held to the Hub repos by TRL's drift check `scripts/check_chat_templates.py`), so they are
+read from there at run time (`template_source`); only llava-1.5's is kept here:
 
-- llava-1.5: `llava-hf/llava-1.5-7b-hf` `chat_template.json`, as mirrored in huggingface/transformers
-  `tests/models/llava/test_processor_llava.py` (`prepare_processor_dict`). It carries `{% generation %}` markers.
-- llava-next: `llava-hf/llava-v1.6-mistral-7b-hf`, from TRL `trl/chat_templates/llava_next.jinja`.
-- qwen2-vl: `Qwen/Qwen2-VL-7B-Instruct`, byte-identical to Qwen2.5-VL's (TRL `trl/chat_templates/README.md`; TRL's
-  drift check `scripts/check_chat_templates.py` holds `Qwen/Qwen2-VL-2B-Instruct` to it; swift-transformers'
-  `testQwen2VLTextOnly` carries the same text).
-- qwen2.5-vl: `Qwen/Qwen2.5-VL-7B-Instruct`, from TRL `trl/chat_templates/qwen2_5_vl.jinja`.
-- idefics3: `HuggingFaceM4/Idefics3-8B-Llama3`, from TRL `trl/chat_templates/idefics3.jinja`.
-- smolvlm: `HuggingFaceTB/SmolVLM-Instruct` (SmolVLM2 ships the same bytes), from TRL
-  `trl/chat_templates/smolvlm.jinja`.
-- gemma3: `google/gemma-3-4b-it`, from TRL `trl/chat_templates/gemma3.jinja`.
-- llama3-text: `meta-llama/Llama-3.1-8B-Instruct`, from TRL `trl/chat_templates/llama3_1.jinja`.
-- qwen2.5-text: `Qwen/Qwen2.5-7B-Instruct`, from TRL `trl/chat_templates/qwen2_5.jinja`.
+- llava-1.5: `templates/llava-1.5.jinja`, from `llava-hf/llava-1.5-7b-hf` `chat_template.json`, as mirrored in
+  huggingface/transformers `tests/models/llava/test_processor_llava.py` (`prepare_processor_dict`). It carries
+  `{% generation %}` markers. TRL has no LLaVA-1.5 template.
+- llava-next: `llava-hf/llava-v1.6-mistral-7b-hf`, TRL's `llava_next.jinja`.
+- qwen2-vl: `Qwen/Qwen2-VL-7B-Instruct`, byte-identical to Qwen2.5-VL's, so TRL's `qwen2_5_vl.jinja` (TRL's drift
+  check holds `Qwen/Qwen2-VL-2B-Instruct` to it).
+- qwen2.5-vl: `Qwen/Qwen2.5-VL-7B-Instruct`, TRL's `qwen2_5_vl.jinja`.
+- idefics3: `HuggingFaceM4/Idefics3-8B-Llama3`, TRL's `idefics3.jinja`.
+- smolvlm: `HuggingFaceTB/SmolVLM-Instruct` (SmolVLM2 ships the same bytes), TRL's `smolvlm.jinja`.
+- gemma3: `google/gemma-3-4b-it`, TRL's `gemma3.jinja`.
+- llama3-text: `meta-llama/Llama-3.1-8B-Instruct`, TRL's `llama3_1.jinja`.
+- qwen2.5-text: `Qwen/Qwen2.5-7B-Instruct`, TRL's `qwen2_5.jinja`.
 
 Tokenizers: llava-1.5/llava-next are Llama-2/Mistral-like ("▁" pieces, byte fallback, and llava-hf's legacy "▁" prefix
 on every text segment, so a lone "▁" follows `<image>`); gemma3 has no whitespace pre-split, so its pieces may span
@@ -35,10 +36,13 @@ Example:
     >>> model = make_model("qwen2-vl", processor)
 """
 
+from __future__ import annotations
+
 import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -46,6 +50,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import is_torchvision_available
 from transformers.video_processing_utils import VideoProcessorMixin
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python 3.11+; importlib.abc on 3.10
 
 
 VLM_FAMILIES: tuple[str, ...] = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm", "gemma3")
@@ -106,6 +113,11 @@ _SPLIT_PATTERNS = {  # the pre-tokenizer regexes of Qwen2 and Llama-3
 _BYTE_LEVEL = ("qwen2", "llama3", "smollm")  # GPT-2 byte-level BPE; the others: SentencePiece-like, byte fallback
 _ADDS_BOS = ("llama2", "gemma", "llama3")  # styles whose tokenizer prepends bos on encode
 
+TRL_TEMPLATES = {"llava-next": "llava_next", "qwen2-vl": "qwen2_5_vl", "qwen2.5-vl": "qwen2_5_vl",
+                 "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3", "llama3-text": "llama3_1",
+                 "qwen2.5-text": "qwen2_5"}  # fmt: skip
+"""Family -> name of its template in TRL's `trl/chat_templates/` (the families not named keep theirs here)."""
+
 _PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # llava-v1.6-mistral's grid, scaled from 336 to 28 px
 _IDEFICS_IMAGE_SIZE = {"idefics3": 56, "smolvlm": 84}  # patch 14, scale factor 2 / 3: (56/14)**2/4 = (84/14)**2/9 = 4
 
@@ -151,6 +163,19 @@ def _check(family: str) -> None:
         raise ValueError(f"Unknown family {family!r}, expected one of {FAMILIES}")
 
 
+def template_source(family: str) -> Traversable:
+    """The file of the family's chat template: TRL's `trl/chat_templates/<name>.jinja` where TRL has it, else ours.
+
+    Example:
+        >>> template_source("qwen2-vl").name, template_source("llava-1.5").name
+        ('qwen2_5_vl.jinja', 'llava-1.5.jinja')
+    """
+    _check(family)
+    if family in TRL_TEMPLATES:
+        return resources.files("trl").joinpath("chat_templates", f"{TRL_TEMPLATES[family]}.jinja")
+    return resources.files(__package__).joinpath("templates", f"{family}.jinja")
+
+
 def chat_template(family: str) -> str:
     """The family's chat template, byte-exact as shipped on the Hub.
 
@@ -158,8 +183,7 @@ def chat_template(family: str) -> str:
         >>> chat_template("gemma3").startswith("{{ bos_token }}")
         True
     """
-    _check(family)
-    return resources.files(__package__).joinpath("templates", f"{family}.jinja").read_text(encoding="utf-8")
+    return template_source(family).read_text(encoding="utf-8")
 
 
 def _pipeline(style: str, tokenizer: Tokenizer, bos: str | None = None) -> None:
