@@ -15,7 +15,7 @@ from PIL import Image
 from trl_rejection.collator import IGNORE_INDEX, RejectionDataCollator, TruncationError
 from trl_rejection.data import DEFAULT_REFUSAL
 from trl_rejection.spans import special_token_strings
-from trl_rejection.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, make_processor
+from trl_rejection.testing.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, make_processor
 
 END_OF_TURN = {"llava-1.5": "</s>", "llava-next": "</s>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "gemma3": "<end_of_turn>",
