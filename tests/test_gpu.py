@@ -69,7 +69,7 @@ def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
     the padded batch's loss within the bf16 noise floor (padded bf16 vs padded fp32), and a leaky packing does not."""
     from trl_rejection import batching
     from trl_rejection.collator import RejectionDataCollator
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
     sys.path.insert(0, str(Path(__file__).parent))
     from test_batching import rows
 
@@ -100,7 +100,7 @@ def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
 
 def test_fused_elementwise_ops_match_eager_on_gpu():
     from trl_rejection import batching
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
 
     tok = make_processor("llama3-text")
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, co
     _needs(config)
     from transformers import LlavaForConditionalGeneration
 
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
 
     out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--merge_adapter", "true",
                  "--mix", SMALL_MIX, "--save_strategy", "no").stdout
