@@ -11,7 +11,7 @@ from PIL import Image
 from trl_rejection.collator import IGNORE_INDEX, RejectionDataCollator
 from trl_rejection.config import RejectionSFTConfig
 from trl_rejection.data import DEFAULT_REFUSAL
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
