@@ -13,7 +13,7 @@ from trl_rejection.batching import (ModalityLengthGroupedSampler, estimate_lengt
 from trl_rejection.collator import IGNORE_INDEX, RejectionDataCollator
 from trl_rejection.config import RejectionSFTConfig
 from trl_rejection.data import DEFAULT_REFUSAL
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
 
 IMAGE = Image.new("RGB", (32, 32), (200, 30, 30))

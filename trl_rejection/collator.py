@@ -5,7 +5,7 @@
   model learns to *start* a refusal without learning to end every answer right away.
 
 Example:
-    >>> from trl_rejection.tiny import make_processor
+    >>> from trl_rejection.testing.tiny import make_processor
     >>> collate = RejectionDataCollator(make_processor("llava-1.5"))
     >>> batch = collate([{"messages": msgs, "images": [img], "is_refusal": True}])  # doctest: +SKIP
     >>> batch["labels"].shape == batch["input_ids"].shape  # doctest: +SKIP
