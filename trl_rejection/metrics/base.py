@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import datasets
 import evaluate
@@ -38,7 +38,15 @@ def _filled(predictions: Sequence[str] | None, inputs: dict[str, Any]) -> dict[s
 
 
 class SafetyMetric(evaluate.Metric):
-    """An `evaluate.Metric` over judged completions, with the optional row-aligned inputs of `OPTIONAL_INPUTS`."""
+    """An `evaluate.Metric` over judged completions, with the optional row-aligned inputs of `OPTIONAL_INPUTS`.
+
+    A subclass sets `MODULE_INFO`: the `evaluate.MetricInfo` fields besides `features` (description, citation,
+    inputs_description, reference_urls)."""
+
+    MODULE_INFO: ClassVar[dict[str, Any]] = {}
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(features=FEATURES, **self.MODULE_INFO)
 
     def add_batch(self, *, predictions=None, references=None, **kwargs) -> None:
         """Add predictions with their (optional) prompts, categories, images and labels."""

@@ -59,14 +59,8 @@ Examples:
 class AttackSuccessRate(base.SafetyMetric):
     """ASR over completions to harmful prompts (see `_DESCRIPTION`)."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=base.FEATURES,
-            reference_urls=["https://arxiv.org/abs/2504.10000", "https://arxiv.org/abs/2311.17600"],
-        )
+    MODULE_INFO = {"description": _DESCRIPTION, "citation": _CITATION, "inputs_description": _KWARGS_DESCRIPTION,
+                   "reference_urls": ["https://arxiv.org/abs/2504.10000", "https://arxiv.org/abs/2311.17600"]}
 
     def _compute(self, predictions, prompts, categories, images, labels, judge=None):
         labels, name = self._labels(predictions, prompts, images, labels,

@@ -58,14 +58,8 @@ Examples:
 class OverRefusal(base.SafetyMetric):
     """Over-refusal over completions to safe prompts (see `_DESCRIPTION`)."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=base.FEATURES,
-            reference_urls=["https://arxiv.org/abs/2308.01263", "https://arxiv.org/abs/2504.10000"],
-        )
+    MODULE_INFO = {"description": _DESCRIPTION, "citation": _CITATION, "inputs_description": _KWARGS_DESCRIPTION,
+                   "reference_urls": ["https://arxiv.org/abs/2308.01263", "https://arxiv.org/abs/2504.10000"]}
 
     def _compute(self, predictions, prompts, categories, images, labels, judge=None):
         judge = judge if judge is not None else self.config_name
