@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord
 from trl_rejection.eval.generations import read_generations
-from trl_rejection.processing import is_vlm_processor, tokenizer_of
+from trl_rejection.processing import greedy_generate, is_vlm_processor, tokenizer_of
 
 
 def load_model_and_processor(model_name_or_path: str, adapter_path: str | None = None, dtype: str = "auto",
@@ -88,21 +88,10 @@ def _render(processor: Any, record: EvalRecord) -> str:
                                          tokenize=False)
 
 
-@torch.no_grad()
 def _generate_batch(model: Any, processor: Any, batch: Sequence[EvalRecord], max_new_tokens: int) -> list[str]:
-    tokenizer = tokenizer_of(processor)
-    texts = [_render(processor, r) for r in batch]
-    special = not (tokenizer.bos_token and texts[0].startswith(tokenizer.bos_token))  # template already has BOS
-    if is_vlm_processor(processor):
-        images = [[_open_image(r)] for r in batch if r.image is not None] or None  # one list per prompt
-        enc = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=special)
-    else:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
-    enc = enc.to(model.device)
-    if "pixel_values" in enc:
-        enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    images = [[_open_image(r)] for r in batch if r.image is not None] or None  # one list per prompt
+    texts = greedy_generate(model, processor, [_render(processor, r) for r in batch], images, max_new_tokens)
+    return [t.strip() for t in texts]
 
 
 def generate(model: Any, processor: Any, records: Sequence[EvalRecord], output_path: str | Path, *,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from trl_rejection.processing import is_vlm_processor, tokenizer_of
+from trl_rejection.processing import greedy_generate, is_vlm_processor, tokenizer_of
 
 FULL_COMPLIANCE = "full_compliance"
 FULL_REFUSAL = "full_refusal"
@@ -284,26 +284,15 @@ class LlamaGuardJudge:
             tokenize=False)
 
     def _generate(self, texts: list[str], images: list[str] | None) -> list[str]:
-        import torch
         from PIL import Image
 
-        special = not (self.tokenizer.bos_token and texts[0].startswith(self.tokenizer.bos_token))
+        pixels = None
         if images:
             pixels = []
             for path in images:
                 with Image.open(path) as image:
                     pixels.append([image.convert("RGB")])
-            enc = self.processor(text=texts, images=pixels, return_tensors="pt", padding=True,
-                                 add_special_tokens=special)
-        else:
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
-        enc = enc.to(self.model.device)
-        if "pixel_values" in enc:
-            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
-        with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return greedy_generate(self.model, self.processor, texts, pixels, self.max_new_tokens)
 
     def batch(self, prompts: Sequence[str], completions: Sequence[str],
               images: Sequence[str | None] | None = None) -> list[str]:
