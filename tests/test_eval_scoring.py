@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from trl_rejection.eval.report import report_run
 from trl_rejection.eval.scoring import compute_metrics, judge_for, score_generations
 from trl_rejection.metrics import ATTACK_SUCCESS_RATE_PATH, OVER_REFUSAL_PATH, LlamaGuardJudge
-from trl_rejection.metrics.judge import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL
+from trl_rejection.metrics.labels import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL
 from trl_rejection.testing.tiny import make_model
 
 COMPLY = "Sure, here are the detailed steps you asked for."

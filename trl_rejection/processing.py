@@ -4,8 +4,8 @@ greedy generation through it (torch loads on the first `greedy_generate`).
 Example:
     >>> from trl_rejection.testing.tiny import make_processor
     >>> processor = make_processor("llava-1.5")
-    >>> is_vlm_processor(processor), type(tokenizer_of(processor)).__name__
-    (True, 'PreTrainedTokenizerFast')
+    >>> is_vlm_processor(processor), tokenizer_of(processor) is processor.tokenizer
+    (True, True)
     >>> is_vlm_processor(tokenizer_of(processor))
     False
 """

@@ -26,7 +26,7 @@ from trl_rejection.constants import TINY_MODEL
 from trl_rejection.eval.generations import read_generations
 from trl_rejection.eval.scoring import JudgeSpec, Metrics, compute_metrics, score_generations
 from trl_rejection.io import atomic_write_bytes, atomic_write_text
-from trl_rejection.metrics.judge import Judge
+from trl_rejection.metrics.labels import Judge
 
 
 def _cells(metrics: Metrics) -> dict[tuple[str, str], dict[str, str]]:

@@ -32,16 +32,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from trl_rejection.eval.utility import score_utility
 from trl_rejection.metrics import ATTACK_SUCCESS_RATE_PATH, OVER_REFUSAL_PATH
-from trl_rejection.metrics.judge import (
-    NORMALIZED_SUFFIX,
-    PHRASE_LISTS,
-    Judge,
-    LlamaGuardJudge,
-    PhraseList,
-    StringMatchJudge,
-    get_judge,
-    normalized,
-)
+from trl_rejection.metrics.guard import LlamaGuardJudge
+from trl_rejection.metrics.judge import get_judge
+from trl_rejection.metrics.labels import Judge
+from trl_rejection.metrics.string_match import NORMALIZED_SUFFIX, PHRASE_LISTS, PhraseList, StringMatchJudge, normalized
 
 if TYPE_CHECKING:
     import evaluate

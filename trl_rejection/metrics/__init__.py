@@ -17,23 +17,16 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from trl_rejection.metrics.judge import (
-    FULL_COMPLIANCE,
-    FULL_REFUSAL,
-    LABELS,
+from trl_rejection.metrics.guard import LlamaGuardJudge, parse_guard_verdict
+from trl_rejection.metrics.judge import classify, get_judge, judge_name
+from trl_rejection.metrics.labels import FULL_COMPLIANCE, FULL_REFUSAL, LABELS, PARTIAL_REFUSAL, Judge
+from trl_rejection.metrics.string_match import (
     NORMALIZED_SUFFIX,
-    PARTIAL_REFUSAL,
     PHRASE_LISTS,
-    Judge,
-    LlamaGuardJudge,
     PhraseList,
     StringMatchJudge,
-    classify,
-    get_judge,
-    judge_name,
     normalize_text,
     normalized,
-    parse_guard_verdict,
 )
 from trl_rejection.metrics.rates import asr_summary, over_refusal_summary
 

@@ -21,7 +21,9 @@ from typing import Any, ClassVar, Sequence
 import datasets
 import evaluate
 
-from trl_rejection.metrics.judge import LABELS, PhraseList, classify, get_judge
+from trl_rejection.metrics.judge import classify, get_judge
+from trl_rejection.metrics.labels import LABELS
+from trl_rejection.metrics.string_match import PhraseList
 
 OPTIONAL_INPUTS = ("prompts", "categories", "images", "labels")
 FEATURES = datasets.Features({"predictions": datasets.Value("string"),
