@@ -8,7 +8,8 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
-from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord, load_figstep
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
+from trl_rejection.eval.safety_benchmarks import load_figstep
 from trl_rejection.eval.generate import generate, load_model_and_processor
 from trl_rejection.eval.generations import ROW_FIELDS, read_generations
 from trl_rejection.eval.report import report_run

@@ -126,7 +126,7 @@ def test_rerun_with_other_generation_settings_is_refused_and_judge_changes_only_
 
 
 def _mm_safetybench(root, questions=2):
-    from trl_rejection.eval.benchmarks import MM_SAFETYBENCH_SCENARIOS
+    from trl_rejection.eval.safety_benchmarks import MM_SAFETYBENCH_SCENARIOS
 
     (root / "processed_questions").mkdir(parents=True)
     for scenario in MM_SAFETYBENCH_SCENARIOS:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from trl_rejection.errors import UserError
-from trl_rejection.eval.benchmarks import EvalRecord
+from trl_rejection.eval.records import EvalRecord
 from trl_rejection.eval.run_config import EvalSafetyArguments, benchmark_inputs, check_run_config, fingerprint, \
     generation_settings, judge_spec, run_config
 

@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from trl_rejection.testing.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, make_model, make_processor, \
-    template_source
+from trl_rejection.testing.tiny import (FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, make_model, make_processor,
+                                        template_source)
 
 IMAGE = Image.new("RGB", (32, 32), (255, 0, 0))
 # family: (markers the rendered conversation contains, expanded image token, its count for IMAGE)
@@ -165,18 +165,6 @@ def test_save_and_load_offline(tiny, tmp_path, monkeypatch):
     assert loaded.chat_template == chat_template(family)
     text = loaded.apply_chat_template(conversation(family), tokenize=False)
     assert torch.equal(encode(loaded, family, text)["input_ids"], inputs["input_ids"])
-
-
-@pytest.mark.skipif(is_torchvision_available(), reason="with torchvision the processor is built publicly")
-def test_qwen_vl_processor_without_torchvision_still_needs_the_workaround():
-    """Contract of `make_processor`'s one private step: without torchvision, transformers' public constructor rejects
-    a Qwen-VL processor with no video processor, so tiny.py skips that class check. When this fails, upstream
-    accepts it: build the processor publicly and drop the workaround."""
-    import transformers
-
-    processor = make_processor("qwen2-vl")
-    with pytest.raises((TypeError, ValueError, AttributeError)):
-        transformers.Qwen2VLProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
 
 
 def test_processors_are_fresh():

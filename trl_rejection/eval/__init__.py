@@ -14,23 +14,10 @@ Example:
 from importlib import import_module
 from typing import Any
 
-from trl_rejection.eval.benchmarks import (
-    BENCHMARKS,
-    MM_SAFETYBENCH_SCENARIOS,
-    VLGUARD_SUBSETS,
-    BenchmarkError,
-    EvalRecord,
-    load_benchmark,
-    load_bundled,
-    load_figstep,
-    load_generic,
-    load_mm_safetybench,
-    load_scienceqa,
-    load_vizwiz,
-    load_vlguard,
-    load_xstest,
-)
+from trl_rejection.eval.benchmarks import BENCHMARKS, load_benchmark, load_bundled
 from trl_rejection.eval.generations import read_generations
+from trl_rejection.eval.generic import load_generic
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
 from trl_rejection.eval.report import (
     compare_runs,
     compute_metrics,
@@ -40,6 +27,15 @@ from trl_rejection.eval.report import (
     report_run,
     score_generations,
 )
+from trl_rejection.eval.safety_benchmarks import (
+    MM_SAFETYBENCH_SCENARIOS,
+    VLGUARD_SUBSETS,
+    load_figstep,
+    load_mm_safetybench,
+    load_vlguard,
+    load_xstest,
+)
+from trl_rejection.eval.sampling import sample_records
 from trl_rejection.eval.typographic import (
     FIGSTEP_PROMPT,
     TYPO_PROMPT,
@@ -51,6 +47,7 @@ from trl_rejection.eval.typographic import (
     render_typo,
 )
 from trl_rejection.eval.utility import normalize_answer, parse_choice, score_utility, vqa_accuracy
+from trl_rejection.eval.utility_benchmarks import load_scienceqa, load_vizwiz
 
 __all__ = [
     "BENCHMARKS",
@@ -87,6 +84,7 @@ __all__ = [
     "render_prompts",
     "render_typo",
     "report_run",
+    "sample_records",
     "score_generations",
     "score_utility",
     "vqa_accuracy",

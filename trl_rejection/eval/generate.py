@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
 from trl_rejection.eval.generations import read_generations
 from trl_rejection.processing import greedy_generate, is_vlm_processor, tokenizer_of
 

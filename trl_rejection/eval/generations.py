@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, get_args
 
-from trl_rejection.eval.benchmarks import BenchmarkError, Task
+from trl_rejection.eval.records import BenchmarkError, Task
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,9 @@ from typing import Any
 import trl_rejection
 from trl_rejection.constants import TINY_MODEL
 from trl_rejection.errors import UserError
-from trl_rejection.eval.benchmarks import MM_SAFETYBENCH_QUESTION, SAMPLING_RULE, EvalRecord
+from trl_rejection.eval.records import EvalRecord
+from trl_rejection.eval.safety_benchmarks import MM_SAFETYBENCH_QUESTION
+from trl_rejection.eval.sampling import SAMPLING_RULE
 from trl_rejection.eval.report import setting_differences
 from trl_rejection.eval.scoring import check_judge
 from trl_rejection.io import atomic_write_text
