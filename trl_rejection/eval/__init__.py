@@ -15,6 +15,7 @@ from importlib import import_module
 from typing import Any
 
 from trl_rejection.eval.benchmarks import BENCHMARKS, load_benchmark, load_bundled
+from trl_rejection.eval.chart import plot_asr
 from trl_rejection.eval.generations import read_generations
 from trl_rejection.eval.generic import load_generic
 from trl_rejection.eval.records import BenchmarkError, EvalRecord
@@ -23,7 +24,6 @@ from trl_rejection.eval.report import (
     compute_metrics,
     markdown_comparison,
     markdown_table,
-    plot_asr,
     report_run,
     score_generations,
 )

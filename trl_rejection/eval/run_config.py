@@ -27,7 +27,6 @@ from trl_rejection.errors import UserError
 from trl_rejection.eval.records import EvalRecord
 from trl_rejection.eval.safety_benchmarks import MM_SAFETYBENCH_QUESTION
 from trl_rejection.eval.sampling import SAMPLING_RULE
-from trl_rejection.eval.report import setting_differences
 from trl_rejection.eval.scoring import check_judge
 from trl_rejection.io import atomic_write_text
 
@@ -70,6 +69,25 @@ class EvalSafetyArguments:
     dtype: str = field(default="auto", metadata={"help": "Model dtype: auto, bfloat16, float16, float32."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu; default cuda when available."})
     compare: list[str] | None = field(default=None, metadata={"help": "Two scored run folders to put side by side."})
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """`<run_dir>/run_config.json` (written by `recipes/eval_safety.py`), or None for a run folder without one."""
+    file = Path(run_dir) / "run_config.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.exists() else None
+
+
+def setting_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`name old -> new` for each differing setting of two (nested) settings dicts, nested names joined with dots.
+
+    Example:
+        >>> setting_differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}})
+        ['b.c 2 -> 3']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in dict.fromkeys([*old, *new])
+                for line in setting_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
 
 
 def fingerprint(path: str | None) -> str | None:
