@@ -227,6 +227,26 @@ def test_models_with_token_type_masks_fall_back_to_padded_batches(tmp_path):
     assert args.padding_free and not trainer.padding_free and not trainer.data_collator.padding_free
 
 
+def test_a_given_collator_decides_padding_free(tmp_path):
+    """A given RejectionDataCollator keeps its flag (and the attention follows it); a packing one for a model that
+    cannot keep rows apart is an error; any other collator means padded-batch handling."""
+    data = datasets.Dataset.from_list(rows(4))
+    args = RejectionSFTConfig(str(tmp_path), use_cpu=True, report_to="none", max_steps=1, dataloader_num_workers=0,
+                              padding_free=False)
+    proc = make_processor("llava-1.5")
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=data, processing_class=proc,
+                                  data_collator=RejectionDataCollator(proc, padding_free=True))
+    assert trainer.padding_free and trainer.model.config.get_text_config()._attn_implementation == "sdpa_varlen"
+    plain = RejectionSFTTrainer(make_model("llava-1.5", proc), args=RejectionSFTConfig(
+        str(tmp_path), use_cpu=True, report_to="none", dataloader_num_workers=0), train_dataset=data,
+        processing_class=proc, data_collator=lambda examples: RejectionDataCollator(proc)(examples))
+    assert not plain.padding_free and plain.model.config.get_text_config()._attn_implementation == "sdpa"
+    gemma = make_processor("gemma3")
+    with pytest.raises(ValueError, match="cannot keep packed rows apart"):
+        RejectionSFTTrainer(make_model("gemma3", gemma), args=args, train_dataset=data, processing_class=gemma,
+                            data_collator=RejectionDataCollator(gemma, padding_free=True))
+
+
 # ---------------------------------------------------------------------------------------------------- grouping
 
 def test_sampler_covers_every_row_once_is_deterministic_and_groups_lengths():

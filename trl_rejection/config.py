@@ -82,7 +82,8 @@ class RejectionSFTConfig(SFTConfig):
             `"sdpa"` to `"sdpa_varlen"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA call per
             row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL and
             Qwen2.5-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or other
-            multimodal RoPE (Qwen3-VL, ...) fall back to padded batches, as does a custom `data_collator`.
+            multimodal RoPE (Qwen3-VL, ...) fall back to padded batches. A `data_collator` given to the trainer
+            decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off).
         cast_lora_inputs (`bool`, *optional*, defaults to `False`):
             Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 autocast the
             LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it during
@@ -155,7 +156,8 @@ class RejectionSFTConfig(SFTConfig):
         "from `\"sdpa\"` to `\"sdpa_varlen\"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA "
         "call per row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL "
         "and Qwen2.5-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or other "
-        "multimodal RoPE (Qwen3-VL, ...) fall back to padded batches, as does a custom `data_collator`."})
+        "multimodal RoPE (Qwen3-VL, ...) fall back to padded batches. A `data_collator` given to the trainer decides "
+        "for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off)."})
     cast_lora_inputs: bool = field(default=False, metadata={
         "help": "Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 "
         "autocast the LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it "

@@ -42,17 +42,24 @@ logger = logging.getLogger(__name__)
 
 
 def _padding_free(args: RejectionSFTConfig, data_collator: Any, model_config: Any) -> bool:
-    """Whether this trainer's batches are padding-free: asked for, our collator, and a model that can keep packed
-    rows apart (a warning says why not otherwise)."""
-    if not args.padding_free:
+    """Whether this trainer's batches are padding-free: `args.padding_free` for the default collator, the flag a given
+    `RejectionDataCollator` was built with, never for other collators; only for models that keep packed rows apart
+    (a warning, or for a given packing collator an error, says why not)."""
+    if data_collator is not None and not isinstance(data_collator, RejectionDataCollator):
+        if args.padding_free:
+            logger.warning("padding_free=True is ignored: it needs a RejectionDataCollator.")
         return False
-    if data_collator is not None:
-        logger.warning("padding_free=True is ignored: it needs the default RejectionDataCollator.")
-        return False
+    wanted = args.padding_free if data_collator is None else data_collator.padding_free
+    if data_collator is not None and wanted != args.padding_free:
+        logger.warning("padding_free=%s is ignored: the given data_collator was built with padding_free=%s.",
+                       args.padding_free, wanted)
     supported, why = padding_free_supported(model_config)
-    if not supported:
+    if wanted and not supported and data_collator is not None:
+        raise ValueError(f"The data_collator packs rows (padding_free=True) but this model cannot keep packed rows "
+                         f"apart ({why}). Fix: build it with padding_free=False.")
+    if wanted and not supported:
         logger.warning("padding_free=True is ignored for this model (%s): training on padded batches.", why)
-    return supported
+    return wanted and supported
 
 
 def fsdp_layer_classes(model: torch.nn.Module) -> list[str]:
@@ -94,8 +101,8 @@ class RejectionSFTTrainer(SFTTrainer):
             TRL's `padding_free` off (TRL's refuses vision data and custom collators); `self.padding_free` tells
             whether batches are padding-free. `args` itself is not modified.
         data_collator ([`~transformers.DataCollator`], *optional*):
-            Collator of the rows. If `None`, a [`RejectionDataCollator`] configured from `args`. A custom collator
-            disables `padding_free`.
+            Collator of the rows. If `None`, a [`RejectionDataCollator`] configured from `args`. A given
+            `RejectionDataCollator` keeps its own `padding_free`; any other collator turns `padding_free` off.
         train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
             Conversational rows: a `messages` column, optionally `images` and `is_refusal` (else a row is a refusal
             row when its last reply is one of `args.refusal_sentences`), as built by `trl_rejection.data.build_mix`.
@@ -158,12 +165,12 @@ class RejectionSFTTrainer(SFTTrainer):
             raise ValueError("projector_lr is set but `optimizers` passes a ready optimizer, whose parameter groups "
                              "the trainer does not change. Fix: pass `optimizer_cls_and_kwargs` instead, or give the "
                              "projector its own group in your optimizer and leave projector_lr unset.")
-        model_id = model if isinstance(model, str) else model.config.name_or_path
         if isinstance(model, str):
+            model_id = model
             model_config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code,
                                                       revision=(args.model_init_kwargs or {}).get("revision"))
         else:
-            model_config = model.config
+            model_id, model_config = model.config.name_or_path, model.config
         if processing_class is None:
             processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
