@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import datasets
 import pytest
 import torch
@@ -144,7 +147,7 @@ def test_fsdp_wraps_the_blocks_each_model_has():
     assert "Qwen2VLDecoderLayer" in qwen and "LlamaDecoderLayer" not in qwen
 
 
-def test_projector_groups_are_built_when_the_optimizer_is_created(tmp_path):
+def test_projector_groups_are_built_when_the_optimizer_is_created(tmp_path, monkeypatch):
     """The optimizer receives the projector's own groups at construction (weight-decay split kept, projector at
     projector_lr), also for an `optimizer_cls_and_kwargs` optimizer; a ready optimizer or an optimizer that assigns
     parameters itself is refused with projector_lr, and so is a projector that trains no parameter."""
@@ -180,6 +183,21 @@ def test_projector_groups_are_built_when_the_optimizer_is_created(tmp_path):
             seen |= {id(p) for p in g["params"]}
         assert seen == {id(p) for p in trainer.model.parameters() if p.requires_grad}
         assert len(optimizer.param_groups) == len(groups) == 3  # LoRA (decay), projector weights, projector biases
+    overrides = []  # an 8-bit bitsandbytes optimizer: embeddings keep 32-bit states, as Trainer does
+    manager = types.SimpleNamespace(register_module_override=lambda m, name, cfg: overrides.append((m, name, cfg)))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(
+        GlobalOptimManager=types.SimpleNamespace(get_instance=lambda: manager))))
+
+    class AdamW8bit(torch.optim.AdamW):
+        __module__ = "bitsandbytes.optim.adamw"
+
+        def __init__(self, params, optim_bits=32, **kwargs):
+            super().__init__(params, **kwargs)
+
+    trainer = make(optimizer_cls_and_kwargs=(AdamW8bit, {"lr": 1e-2, "optim_bits": 8}))
+    trainer.create_optimizer()
+    embeddings = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and overrides == [(m, "weight", {"optim_bits": 32}) for m in embeddings]
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         make(optimizers=(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), None))
     with pytest.raises(ValueError, match="assigns the parameters itself"):

@@ -37,3 +37,16 @@ def split_projector_groups(groups: Sequence[dict[str, Any]], projector: set[int]
         out += [{**group, "params": rest}] if rest else []
         out += [{**group, "params": own, "lr": lr}] if own else []
     return out
+
+
+def keep_embeddings_32bit(optimizer_cls: type, optimizer_kwargs: dict[str, Any], model: torch.nn.Module) -> None:
+    """For an 8-bit bitsandbytes optimizer, keep the embeddings' optimizer states in 32 bits, as
+    `Trainer.create_optimizer` does for the optimizers it builds."""
+    if "bitsandbytes" not in str(optimizer_cls) or optimizer_kwargs.get("optim_bits") != 8:
+        return
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})

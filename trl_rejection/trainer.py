@@ -32,7 +32,7 @@ from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
 from .dataset_checks import check_dataset, drop_empty_images
 from .fused import fuse_elementwise_ops
-from .optim import projector_parameter_ids, split_projector_groups
+from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
 from .sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
 from .split_loss import split_loss_sums
@@ -368,4 +368,5 @@ class RejectionSFTTrainer(SFTTrainer):
             groups = [{"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
                       {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
         self.optimizer = optimizer_cls(split_projector_groups(groups, projector, self.args.projector_lr), **kwargs)
+        keep_embeddings_32bit(optimizer_cls, kwargs, opt_model)
         return super().create_optimizer(model)
