@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from trl_rejection.testing.tiny import (FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, make_model, make_processor,
-                                        template_source)
+from trl_rejection.testing.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, make_model, make_processor
+from trl_rejection.testing.tiny_tokenizers import template_source
 
 IMAGE = Image.new("RGB", (32, 32), (255, 0, 0))
 # family: (markers the rendered conversation contains, expanded image token, its count for IMAGE)
