@@ -19,13 +19,14 @@ from typing import Any
 from trl_rejection.constants import TINY_MODEL
 from trl_rejection.errors import UserError, user_errors
 from trl_rejection.eval.benchmarks import load_benchmark
-from trl_rejection.eval.generate import generate, load_model_and_processor, prepare_for_generation
+from trl_rejection.eval.generate import generate
 from trl_rejection.eval.generations import read_generations
 from trl_rejection.eval.records import EvalRecord
 from trl_rejection.eval.report import compare_runs, markdown_table, report_run
 from trl_rejection.eval.run_config import EvalSafetyArguments, benchmark_inputs, check_run_config, judge_spec, \
     run_config
 from trl_rejection.eval.sampling import sample_records
+from trl_rejection.generation import load_model_and_processor, prepare_for_generation
 from trl_rejection.io import check_work_dir
 from trl_rejection.parsing import StrictTrlParser
 

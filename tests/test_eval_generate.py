@@ -8,11 +8,12 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
-from trl_rejection.eval.records import BenchmarkError, EvalRecord
-from trl_rejection.eval.safety_benchmarks import load_figstep
-from trl_rejection.eval.generate import generate, load_model_and_processor
+from trl_rejection.eval.generate import generate
 from trl_rejection.eval.generations import ROW_FIELDS, read_generations
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
 from trl_rejection.eval.report import report_run
+from trl_rejection.eval.safety_benchmarks import load_figstep
+from trl_rejection.generation import load_model_and_processor
 from trl_rejection.testing.tiny import make_model, make_processor
 
 FIELDS = {f.name for f in fields(EvalRecord)} | {"completion"}  # what `generate` writes per line

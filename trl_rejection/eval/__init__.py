@@ -90,10 +90,11 @@ __all__ = [
     "vqa_accuracy",
 ]
 
-_GENERATION = ("generate", "load_model_and_processor", "prepare_for_generation")  # in trl_rejection.eval.generate
+_GENERATION = {"generate": "trl_rejection.eval.generate", "load_model_and_processor": "trl_rejection.generation",
+               "prepare_for_generation": "trl_rejection.generation"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _GENERATION:
-        return getattr(import_module("trl_rejection.eval.generate"), name)
+        return getattr(import_module(_GENERATION[name]), name)
     raise AttributeError(f"module 'trl_rejection.eval' has no attribute {name!r}")

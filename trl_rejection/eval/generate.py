@@ -5,6 +5,7 @@ where it stopped; a half-written last line left by a kill is dropped on resume. 
 batched separately; VLM processors and plain tokenizers both work, with left padding.
 
 Example:
+    >>> from trl_rejection.generation import load_model_and_processor
     >>> model, processor = load_model_and_processor("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
     >>> records = load_benchmark("xstest", "xstest_prompts.csv")  # doctest: +SKIP
     >>> generate(model, processor, records, "runs/base/generations.jsonl", batch_size=16)  # doctest: +SKIP
@@ -18,47 +19,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from trl_rejection.eval.records import BenchmarkError, EvalRecord
 from trl_rejection.eval.generations import read_generations
-from trl_rejection.processing import greedy_generate, is_vlm_processor, tokenizer_of
-
-
-def load_model_and_processor(model_name_or_path: str, adapter_path: str | None = None, dtype: str = "auto",
-                             device: str | None = None) -> tuple[Any, Any]:
-    """Load a VLM (or text LM) and its processor (or tokenizer) from a local folder or Hub id, optionally with a
-    LoRA adapter (merged), ready to generate (`prepare_for_generation`).
-
-    Example:
-        >>> model, processor = load_model_and_processor("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
-        >>> type(model).__name__  # doctest: +SKIP
-        'LlavaForConditionalGeneration'
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_name_or_path)
-    auto = AutoModelForImageTextToText if is_vlm_processor(processor) else AutoModelForCausalLM
-    model = auto.from_pretrained(model_name_or_path, dtype=dtype)
-    return prepare_for_generation(model, adapter_path, device), processor
-
-
-def prepare_for_generation(model: Any, adapter_path: str | None = None, device: str | None = None) -> Any:
-    """`model` with the LoRA adapter at `adapter_path` merged (when given), on `device` (default: cuda when
-    available), in eval mode.
-
-    Example:
-        >>> from trl_rejection.testing.tiny import make_model
-        >>> prepare_for_generation(make_model("llava-1.5"), device="cpu").training
-        False
-    """
-    if adapter_path:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
+from trl_rejection.generation import greedy_generate
+from trl_rejection.processing import is_vlm_processor
 
 
 def _open_image(record: EvalRecord) -> Image.Image:
@@ -115,10 +82,6 @@ def generate(model: Any, processor: Any, records: Sequence[EvalRecord], output_p
     todo = [r for r in records if (r.benchmark, r.id) not in done]
     groups = [[r for r in todo if r.image is not None], [r for r in todo if r.image is None]]  # one modality a batch
     batches = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
-    tokenizer = tokenizer_of(processor)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     written = 0
     with output_path.open("a", encoding="utf-8") as f, tqdm(total=len(records), initial=len(records) - len(todo),
                                                           desc="generate", disable=not progress) as bar:

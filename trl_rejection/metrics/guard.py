@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from trl_rejection.metrics.labels import FULL_COMPLIANCE, FULL_REFUSAL
-from trl_rejection.processing import greedy_generate, is_vlm_processor, tokenizer_of
+from trl_rejection.generation import greedy_generate, load_model_and_processor
+from trl_rejection.processing import is_vlm_processor, tokenizer_of
 
 
 def parse_guard_verdict(text: str) -> str:
@@ -51,18 +52,9 @@ class LlamaGuardJudge:
 
     def __init__(self, model_name_or_path: str, *, device: str | None = None, dtype: str = "auto",
                  max_new_tokens: int = 10, batch_size: int = 8, content_parts: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(model_name_or_path)
+        self.model, self.processor = load_model_and_processor(model_name_or_path, dtype=dtype, device=device)
         self.vision = is_vlm_processor(self.processor)
         self.tokenizer = tokenizer_of(self.processor)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        auto = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
-        self.model = auto.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.content_parts = content_parts or self.vision
         self.name = f"llama_guard:{Path(str(model_name_or_path).rstrip('/')).name}"
