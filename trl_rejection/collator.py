@@ -24,6 +24,7 @@ from transformers.data.data_collator import DataCollatorMixin
 
 from .constants import DEFAULT_REFUSAL, IGNORE_INDEX
 from .packing import pack_padded_batch
+from .processing import tokenizer_of
 from .spans import TurnSpan, message_text, render_with_spans
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class RejectionDataCollator(DataCollatorMixin):
     return_tensors: str = "pt"
 
     def __post_init__(self) -> None:
-        self.tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.tokenizer = tokenizer_of(self.processing_class)
         self.text_only = self.tokenizer is self.processing_class
         if self.tokenizer.pad_token is None:
             raise ValueError(f"{type(self.tokenizer).__name__} has no pad token. Fix: set one, e.g. "

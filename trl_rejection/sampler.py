@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from .processing import tokenizer_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +86,7 @@ def estimate_lengths(dataset: Any, image_tokens: int, chars_per_token: float = 4
 
 def image_token_count(processing_class: Any, size: int = 336) -> int:
     """Tokens one `size` px image adds after processing (e.g. 576 for LLaVA-1.5 at 336 px); 0 for tokenizers."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    tokenizer = tokenizer_of(processing_class)
     if tokenizer is processing_class:
         return 0
     try:
