@@ -20,6 +20,7 @@ import transformers
 from transformers.utils import is_torchvision_available
 from transformers.video_processing_utils import VideoProcessorMixin
 
+from trl_rejection.processing import tokenizer_of
 from trl_rejection.testing.tiny_tokenizers import (FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, check_family,
                                                    generation_stops, make_tokenizer)
 
@@ -89,7 +90,7 @@ def make_model(family: str, processor=None, seed: int = 0):
     """
     check_family(family)
     processor = processor if processor is not None else make_processor(family)
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
