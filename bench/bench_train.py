@@ -84,7 +84,7 @@ def log(**record):
 
 
 def processor():
-    from trl_rejection.tiny import chat_template, make_processor
+    from trl_rejection.testing.tiny import chat_template, make_processor
 
     if MODEL == "qwen2.5-vl":  # the tiny processor with Qwen's image processing: 28 px merged patches, <= 640x640 px
         proc = make_processor(MODEL)

@@ -25,16 +25,18 @@ from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
+from trl_rejection.constants import TINY_MODEL
 from trl_rejection.data import MixConfig, build_mix
 from trl_rejection.data.formats import load_dataset_location
 from trl_rejection.errors import UserError, user_errors
-from trl_rejection.hub import check_extras, model_card, push_dataset, push_model
+from trl_rejection.extras import check_extras
+from trl_rejection.hub import push_dataset, push_model
 from trl_rejection.io import check_work_dir
+from trl_rejection.model_card import model_card
 from trl_rejection.parsing import StrictTrlParser
 from trl_rejection.validation import ConfigError, check_dataclass, check_range, from_mapping
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
-TINY = "tiny-llava"
 
 
 @dataclass
@@ -159,8 +161,8 @@ def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig, mix_b
     Under ZeRO-3 or FSDP the tiny model is built once, saved with `save_pretrained` to `<output_dir>/tiny-llava-init`
     and loaded from there by the trainer (`from_pretrained`), as a real checkpoint is: ZeRO-3 then partitions it
     while loading, and FSDP loads it as it loads any checkpoint."""
-    if model_args.model_name_or_path in (None, TINY):
-        from trl_rejection.tiny import make_model, make_processor
+    if model_args.model_name_or_path in (None, TINY_MODEL):
+        from trl_rejection.testing.tiny import make_model, make_processor
 
         processor = make_processor("llava-1.5")
         if sharded_backend() is None:
@@ -323,13 +325,13 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
         # `synced_gpus` default) and wait forever. The whole model is on this process, so generate alone.
         with without_zero3() if sharded else contextlib.nullcontext():
             results = evaluate_bundled(trainer, processor, output_dir, script_args.eval_max_new_tokens)
-    base = model_args.model_name_or_path or TINY
+    base = model_args.model_name_or_path or TINY_MODEL
     (final / "README.md").write_text(model_card(base, mix_location, training_args, model_args, results))
     if push_model_to:
         print(f"Model pushed to {push_model(final, push_model_to, training_args.hub_private_repo)}")
     if script_args.push_dataset_to_hub:
         print(f"Mix pushed to {push_dataset(mix_location, script_args.push_dataset_to_hub)}")
-    summary(trainer, final, mix_location, results, base == TINY)
+    summary(trainer, final, mix_location, results, base == TINY_MODEL)
 
 
 def summary(trainer, final: Path, mix_location: str, results: str | None, tiny: bool) -> None:

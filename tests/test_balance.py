@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from trl_rejection.balance import TokenBalancedSampler, balanced_chunks
 from trl_rejection.config import RejectionSFTConfig
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
 from test_trainer import mix
 

@@ -1,4 +1,5 @@
-"""Throughput levers on CPU: padding-free batches (loss equal to padded ones), varlen attention, length grouping."""
+"""Throughput levers on CPU: padding-free batches (loss equal to padded ones), varlen attention, length grouping,
+the LoRA input cast."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from trl_rejection import batching
-from trl_rejection.batching import (ModalityLengthGroupedSampler, estimate_lengths, image_token_count,
-                                    pack_padded_batch, varlen_sdpa_attention_forward)
-from trl_rejection.collator import IGNORE_INDEX, RejectionDataCollator
+from trl_rejection import attention
+from trl_rejection import trainer as trainer_module
+from trl_rejection.attention import (flash_input_dtype, register_varlen_attention, use_varlen_attention,
+                                     varlen_sdpa_attention_forward)
+from trl_rejection.collator import RejectionDataCollator
 from trl_rejection.config import RejectionSFTConfig
-from trl_rejection.data import DEFAULT_REFUSAL
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.constants import DEFAULT_REFUSAL, IGNORE_INDEX
+from trl_rejection.packing import mrope_packed_inputs, pack_padded_batch, rope_index_module
+from trl_rejection.sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
+from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
 
 IMAGE = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -75,6 +79,27 @@ def test_varlen_attention_matches_per_sequence_sdpa_with_gqa():
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "llama3-text"])
+def test_use_varlen_attention_switches_the_language_model_only(family):
+    """The language model's modules read `"sdpa_varlen"`, the vision tower's keep `"sdpa"`; a model on another
+    attention (eager) is left as it is."""
+    model = make_model(family, make_processor(family))
+    text = model.config.get_text_config()
+    assert use_varlen_attention(model)
+    attn = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and config is not model.config or config is text:
+            attn.setdefault(config is text or config.model_type == text.model_type, set()).add(
+                config._attn_implementation)
+    assert attn[True] == {"sdpa_varlen"}
+    assert attn.get(False, {"sdpa"}) == {"sdpa"}
+    assert False in attn or family == "llama3-text"  # the VLMs' vision towers were looked at
+    eager = make_model(family, make_processor(family))
+    eager.set_attn_implementation("eager")
+    assert not use_varlen_attention(eager) and eager.config.get_text_config()._attn_implementation == "eager"
+
+
 def _fake_flash_kernel(calls):
     """Stands in for torch's varlen flash kernel on CPU: refuses fp32 as the real one does, else per-row SDPA."""
 
@@ -96,8 +121,8 @@ def test_flash_varlen_casts_fp32_query_and_key_to_the_autocast_dtype(monkeypatch
     linear in bf16. The flash kernel takes fp16/bf16 only, so all three must go to it in bf16 (as SDPA does under
     autocast); with no autocast and everything in fp32 the per-row SDPA fallback runs instead."""
     calls = []
-    monkeypatch.setattr(batching, "_VARLEN_ATTN", _fake_flash_kernel(calls))
-    monkeypatch.setattr(batching, "_VARLEN_PARAMS", {"is_causal": None, "scale": None})
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", _fake_flash_kernel(calls))
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"is_causal": None, "scale": None})
     monkeypatch.setenv("TRL_REJECTION_VARLEN", "flash")
     torch.manual_seed(0)
     module = torch.nn.Module()
@@ -105,20 +130,20 @@ def test_flash_varlen_casts_fp32_query_and_key_to_the_autocast_dtype(monkeypatch
     lens = [6, 2, 9]
     cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
     q, k, v = (torch.randn(1, 2, sum(lens), 8) for _ in range(3))
-    ref, _ = batching.varlen_sdpa_attention_forward(module, q.double(), k.double(), v.double(), None,
+    ref, _ = varlen_sdpa_attention_forward(module, q.double(), k.double(), v.double(), None,
                                                     cu_seq_lens_q=cu, max_length_q=9)
     assert calls == []  # float64 without autocast: no half dtype to run the kernel in -> per-row SDPA
-    assert batching.flash_input_dtype(q, k, v) is None
+    assert flash_input_dtype(q, k, v) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert batching.flash_input_dtype(q, k, v.bfloat16()) == torch.bfloat16
-        out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v.bfloat16(), None, cu_seq_lens_q=cu,
+        assert flash_input_dtype(q, k, v.bfloat16()) == torch.bfloat16
+        out, _ = varlen_sdpa_attention_forward(module, q, k, v.bfloat16(), None, cu_seq_lens_q=cu,
                                                         max_length_q=9)
     assert calls == [torch.bfloat16] and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-2)  # bf16 inputs: ~3 significant digits
-    out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v.half(), None, cu_seq_lens_q=cu, max_length_q=9)
+    out, _ = varlen_sdpa_attention_forward(module, q, k, v.half(), None, cu_seq_lens_q=cu, max_length_q=9)
     assert calls[-1] == torch.float16 and out.dtype == torch.float32  # no autocast: the half tensor decides
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-3)
-    out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=9)
+    out, _ = varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=9)
     assert len(calls) == 2 and out.dtype == torch.float32  # all fp32, no autocast: fallback, exact
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
 
@@ -143,11 +168,11 @@ def test_padding_free_loss_and_grads_equal_padded(family):
 
     def loss_and_grad(batch, attn):
         model = make_model(family, proc).float().train()
-        batching.register_varlen_attention()
-        model.set_attn_implementation(attn) if attn == "eager" else batching.use_varlen_attention(model)
+        register_varlen_attention()
+        model.set_attn_implementation(attn) if attn == "eager" else use_varlen_attention(model)
         batch = {k: v for k, v in batch.items() if k != "is_refusal"}
         if "cu_seq_lens_q" in batch:
-            batch = batching.mrope_packed_inputs(batching.rope_index_module(model), batch)
+            batch = mrope_packed_inputs(rope_index_module(model), batch)
             assert batch["position_ids"].shape[0] == (4 if family.startswith("qwen") else 1)
         loss = model(**batch, use_cache=False).loss  # a cache would turn off transformers' packed-mask path
         loss.backward()
@@ -167,14 +192,14 @@ def test_trainer_padding_free_step_equals_padded_step(tmp_path, family, monkeypa
     data = datasets.Dataset.from_list(rows(8))
     logs = {}
     position_rows = []
-    real = batching.mrope_packed_inputs
+    real = mrope_packed_inputs
 
     def spy(module, inputs):
         out = real(module, inputs)
         position_rows.append(out["position_ids"].shape[0])
         return out
 
-    monkeypatch.setattr(batching, "mrope_packed_inputs", spy)
+    monkeypatch.setattr(trainer_module, "mrope_packed_inputs", spy)
     for free in (True, False):
         args = RejectionSFTConfig(str(tmp_path / str(free)), use_cpu=True, report_to="none", save_strategy="no",
                                   logging_steps=1, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
@@ -200,6 +225,26 @@ def test_models_with_token_type_masks_fall_back_to_padded_batches(tmp_path):
     trainer = RejectionSFTTrainer(make_model("gemma3", proc), args=args, train_dataset=datasets.Dataset.from_list(
         rows(4)), processing_class=proc)
     assert args.padding_free and not trainer.padding_free and not trainer.data_collator.padding_free
+
+
+def test_a_given_collator_decides_padding_free(tmp_path):
+    """A given RejectionDataCollator keeps its flag (and the attention follows it); a packing one for a model that
+    cannot keep rows apart is an error; any other collator means padded-batch handling."""
+    data = datasets.Dataset.from_list(rows(4))
+    args = RejectionSFTConfig(str(tmp_path), use_cpu=True, report_to="none", max_steps=1, dataloader_num_workers=0,
+                              padding_free=False)
+    proc = make_processor("llava-1.5")
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=data, processing_class=proc,
+                                  data_collator=RejectionDataCollator(proc, padding_free=True))
+    assert trainer.padding_free and trainer.model.config.get_text_config()._attn_implementation == "sdpa_varlen"
+    plain = RejectionSFTTrainer(make_model("llava-1.5", proc), args=RejectionSFTConfig(
+        str(tmp_path), use_cpu=True, report_to="none", dataloader_num_workers=0), train_dataset=data,
+        processing_class=proc, data_collator=lambda examples: RejectionDataCollator(proc)(examples))
+    assert not plain.padding_free and plain.model.config.get_text_config()._attn_implementation == "sdpa"
+    gemma = make_processor("gemma3")
+    with pytest.raises(ValueError, match="cannot keep packed rows apart"):
+        RejectionSFTTrainer(make_model("gemma3", gemma), args=args, train_dataset=data, processing_class=gemma,
+                            data_collator=RejectionDataCollator(gemma, padding_free=True))
 
 
 # ---------------------------------------------------------------------------------------------------- grouping
@@ -279,23 +324,3 @@ def test_skipping_the_lora_input_upcast_changes_nothing_with_dropout_0(tmp_path)
         assert layer.cast_input_dtype_enabled  # restored after the steps
     assert seen == {True: True, False: False}
     assert logs[True] == logs[False]
-
-
-def test_fused_elementwise_ops_compute_the_same(monkeypatch):
-    monkeypatch.setenv("TRL_REJECTION_COMPILE_BACKEND", "eager")  # dynamo tracing without code generation: fast
-    batching._COMPILED.clear()
-    proc = make_processor("llava-1.5")
-    batch = RejectionDataCollator(proc, padding_free=True)(rows(3))
-    batch.pop("is_refusal")
-    ref, fused = make_model("llava-1.5", proc).float(), make_model("llava-1.5", proc).float()
-    assert batching.fuse_elementwise_ops(fused) == 2 * 2 + 1 + 2  # 2 layers x (2 norms + MLP) + final norm
-    for model in (ref, fused):
-        batching.use_varlen_attention(model)
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        model.loss = loss.detach()
-    assert float(ref.loss) == pytest.approx(float(fused.loss), abs=1e-6)
-    for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
-    batching._COMPILED.clear()

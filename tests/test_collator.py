@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trl_rejection.collator import IGNORE_INDEX, RejectionDataCollator, TruncationError
-from trl_rejection.data import DEFAULT_REFUSAL
+from trl_rejection.collator import RejectionDataCollator, TruncationError
+from trl_rejection.constants import DEFAULT_REFUSAL, IGNORE_INDEX
 from trl_rejection.spans import special_token_strings
-from trl_rejection.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, make_processor
+from trl_rejection.testing.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, make_processor
 
 END_OF_TURN = {"llava-1.5": "</s>", "llava-next": "</s>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>",
                "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "gemma3": "<end_of_turn>",
@@ -144,13 +144,16 @@ def test_property_labels_for_random_conversations(family, conv, sentence, k):
     (refusal_run,) = runs(labels[1])
     labelled = ids[1][refusal_run]
     assert not specials & set(labelled.tolist())
-    if k is None:
-        assert decode(tok, labelled) == norm(sentence)
-    else:  # the first k tokens of the whole-sentence labels (a prefix may end inside a multi-byte character)
-        whole = RejectionDataCollator(proc, refusal_sentences=[sentence])([row(family, refusal_msgs, n_images, True)])
-        (whole_run,) = runs(whole["labels"][0])
-        assert labelled.tolist() == whole["input_ids"][0][whole_run[:k]].tolist()
-    assert int(ids[1][refusal_run[-1] + 1]) in specials or k is not None  # the end-of-turn is right after, unlabelled
+    # The whole reply's labels (k=None): they decode to the sentence and the end-of-turn token comes right after
+    whole = RejectionDataCollator(proc, refusal_sentences=[sentence])([row(family, refusal_msgs, n_images, True)])
+    (whole_run,) = runs(whole["labels"][0])
+    assert decode(tok, whole["input_ids"][0][whole_run]) == norm(sentence)
+    end_of_turn = whole_run[-1] + 1
+    assert tok.convert_ids_to_tokens(int(whole["input_ids"][0][end_of_turn])) == eot
+    # With k drawn or not: the labels are the first k of those (a prefix may end inside a multi-byte character) and
+    # the end-of-turn token after the reply stays unlabelled
+    assert refusal_run == whole_run[:k] and ids[1][end_of_turn] == whole["input_ids"][0][end_of_turn]
+    assert labels[1][end_of_turn] == IGNORE_INDEX and whole["labels"][0][end_of_turn] == IGNORE_INDEX
 
 
 def test_truncation_never_labels_wrong_tokens(caplog):

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from trl_rejection.distributed import ZERO3_DEFAULTS, fsdp_layer_classes, setup_zero3
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.testing.tiny import make_model, make_processor
 
 
 def _accelerator(stage: int, zero: dict) -> SimpleNamespace:

@@ -14,22 +14,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from trl_rejection.eval.benchmarks import (
+from trl_rejection.eval.benchmarks import load_benchmark, load_bundled
+from trl_rejection.eval.generic import load_generic
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
+from trl_rejection.eval.safety_benchmarks import (
     MM_SAFETYBENCH_SCENARIOS,
-    BenchmarkError,
-    EvalRecord,
-    allocate,
-    load_bundled,
-    load_benchmark,
     load_figstep,
-    load_generic,
     load_mm_safetybench,
-    load_scienceqa,
-    load_vizwiz,
     load_vlguard,
     load_xstest,
-    sample_records,
 )
+from trl_rejection.eval.sampling import allocate, sample_records
+from trl_rejection.eval.utility_benchmarks import load_scienceqa, load_vizwiz
 from trl_rejection.eval.typographic import FIGSTEP_PROMPT
 
 
@@ -296,12 +292,10 @@ def test_sample_records_is_seeded():
 
 def test_sample_records_is_the_same_in_another_process():
     """String seeds do not depend on PYTHONHASHSEED: another interpreter draws the same sample."""
-    source = Path(__file__).resolve().parents[1] / "trl_rejection" / "eval" / "benchmarks.py"
-    code = ("import importlib.util, sys\n"  # the module alone: trl_rejection.eval's __init__ imports torch (slow)
-            f"spec = importlib.util.spec_from_file_location('benchmarks', {str(source)!r})\n"
-            "m = importlib.util.module_from_spec(spec); sys.modules['benchmarks'] = m; spec.loader.exec_module(m)\n"
-            "rows = [m.EvalRecord(str(i), 'b', 'c' + str(i % 3), 'p', None, True) for i in range(30)]\n"
-            "print([r.id for r in m.sample_records(rows, 7, seed=5)])")
+    code = ("from trl_rejection.eval.records import EvalRecord\n"
+            "from trl_rejection.eval.sampling import sample_records\n"
+            "rows = [EvalRecord(str(i), 'b', 'c' + str(i % 3), 'p', None, True) for i in range(30)]\n"
+            "print([r.id for r in sample_records(rows, 7, seed=5)])")
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     rows = [EvalRecord(str(i), "b", "c" + str(i % 3), "p", None, True) for i in range(30)]

@@ -8,10 +8,13 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
-from trl_rejection.eval.benchmarks import BenchmarkError, EvalRecord, load_figstep
-from trl_rejection.eval.generate import ROW_FIELDS, generate, load_model_and_processor, read_generations
+from trl_rejection.eval.generate import generate
+from trl_rejection.eval.generations import ROW_FIELDS, read_generations
+from trl_rejection.eval.records import BenchmarkError, EvalRecord
 from trl_rejection.eval.report import report_run
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.eval.safety_benchmarks import load_figstep
+from trl_rejection.generation import load_model_and_processor
+from trl_rejection.testing.tiny import make_model, make_processor
 
 FIELDS = {f.name for f in fields(EvalRecord)} | {"completion"}  # what `generate` writes per line
 
@@ -56,6 +59,23 @@ def test_generate_writes_one_valid_line_per_record(tiny, records, tmp_path):
     by_id = {r["id"]: r for r in rows}
     assert by_id["img0"]["image"] == records[0].image and by_id["txt0"]["image"] is None
     assert by_id["txt1"]["harmful"] is False and by_id["img1"]["category"] == "weapons"
+
+
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2.5-text"])
+def test_a_batch_generates_what_each_record_generates_alone(family, records, tmp_path):
+    """Greedy generation in left-padded batches of mixed prompt lengths gives each record the text it gets alone."""
+    processor = make_processor(family)
+    model = make_model(family, processor)
+    rows = records if family == "llava-1.5" else [r for r in records if r.image is None]
+    rows = [*rows, EvalRecord("long", "xstest", "homonyms", "Tell me " + "more and more " * 6 + "about it.", None,
+                              harmful=False)]
+    texts = {}
+    for batch_size in (len(rows), 1):
+        out = generate(model, processor, rows, tmp_path / f"gen{batch_size}.jsonl", batch_size=batch_size,
+                       max_new_tokens=6, progress=False)
+        texts[batch_size] = {r["id"]: r["completion"] for r in _lines(out)}
+    assert texts[len(rows)] == texts[1] and len(texts[1]) == len(rows)
+    assert len(set(texts[1].values())) > 1  # the prompts lead to different texts: a mix-up would show
 
 
 def test_resume_after_an_interruption(tiny, records, tmp_path):
@@ -187,11 +207,22 @@ def test_plain_tokenizer_text_model(tmp_path, records):
 
 
 def test_lora_adapter_is_loaded(tiny_dir, tmp_path, records):
+    """The adapter (random, non-zero B: a fresh LoRA would change nothing) is merged: the loaded model computes what
+    the base with the adapter computes, and not what the base alone computes."""
+    import torch
+
     base = make_model("llava-1.5", make_processor("llava-1.5"))
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     model, processor = load_model_and_processor(str(tiny_dir), adapter_path=str(tmp_path / "adapter"), device="cpu")
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged into the base weights
+    inputs = processor.tokenizer(["USER: Hello there ASSISTANT:"], return_tensors="pt")
+    with torch.no_grad():
+        merged, adapted = model(**inputs).logits, peft_model.eval()(**inputs).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(**inputs).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged, plain, atol=1e-3)
     out = generate(model, processor, records[:2], tmp_path / "gen.jsonl", max_new_tokens=2, progress=False)
     assert len(_lines(out)) == 2
 

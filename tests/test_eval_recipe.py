@@ -58,6 +58,9 @@ def test_bad_arguments_are_explained(tmp_path):
         _run("--output_dir", str(tmp_path))
     with pytest.raises(ValueError, match="needs files.*--generic_paths"):
         _run("--model_name_or_path", "tiny-llava", "--benchmarks", "generic", "--output_dir", str(tmp_path / "g"))
+    with pytest.raises(ValueError, match="unknown judge 'papr'"):
+        _run("--model_name_or_path", "tiny-llava", "--judge", "papr", "--output_dir", str(tmp_path / "j"))
+    assert not (tmp_path / "j" / "generations.jsonl").exists()  # refused before any record is loaded or generated
 
 
 def test_run_folder_may_not_be_the_cwd_home_or_hold_the_benchmark(tmp_path, monkeypatch):
@@ -106,7 +109,7 @@ def test_rerun_with_other_generation_settings_is_refused_and_judge_changes_only_
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although every generation is there")
 
-    monkeypatch.setattr(eval_safety, "load_model_and_processor", no_model)
+    monkeypatch.setattr(eval_safety, "load_model", no_model)
     capsys.readouterr()
     _bundled(run, "--judge", "xstest", "--batch_size", "2")  # scoring and batch size only: no generation
     out = capsys.readouterr().out
@@ -123,7 +126,7 @@ def test_rerun_with_other_generation_settings_is_refused_and_judge_changes_only_
 
 
 def _mm_safetybench(root, questions=2):
-    from trl_rejection.eval.benchmarks import MM_SAFETYBENCH_SCENARIOS
+    from trl_rejection.eval.safety_benchmarks import MM_SAFETYBENCH_SCENARIOS
 
     (root / "processed_questions").mkdir(parents=True)
     for scenario in MM_SAFETYBENCH_SCENARIOS:
@@ -187,33 +190,3 @@ def test_edited_benchmark_files_and_unknown_settings_are_refused(tmp_path):
     (run / "run_config.json").write_text(json.dumps({"generation": {"max_new_tokens": 99}}))
     _run(*args)  # takes the new settings
     assert json.loads((run / "run_config.json").read_text())["generation"]["max_new_tokens"] == 2
-
-
-def test_fingerprint_follows_file_content(tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights v1")
-    first = eval_safety.fingerprint(str(adapter))
-    assert eval_safety.fingerprint(str(adapter)) == first and len(first) == 64
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights v2")  # retrained in place: same name and size
-    assert eval_safety.fingerprint(str(adapter)) != first
-    assert eval_safety.fingerprint("llava-hf/llava-1.5-7b-hf") is None and eval_safety.fingerprint(None) is None
-
-
-def test_package_versions_and_adapter_are_generation_settings(tmp_path):
-    from trl_rejection.errors import UserError
-
-    (tmp_path / "generations.jsonl").write_text("{}\n")  # a folder that holds generations
-    config = {"generation": {"adapter_path": "/runs/sft/final", "adapter_fingerprint": "a" * 64,
-                             "versions": {"torch": "2.5.0", "transformers": "4.57.0", "trl_rejection": "0.1.0"}},
-              "scoring": {"judge": "paper"}, "sampling": {"max_samples": None}, "recorded": {"batch_size": [8]}}
-    (tmp_path / "run_config.json").write_text(json.dumps(config))
-    newer = json.loads(json.dumps(config))
-    newer["generation"]["versions"]["transformers"] = "5.0.0"
-    with pytest.raises(UserError, match=r"other settings \(versions.transformers '4.57.0' -> '5.0.0'\)"):
-        eval_safety.check_run_config(str(tmp_path), newer)
-    retrained = json.loads(json.dumps(config))
-    retrained["generation"]["adapter_fingerprint"] = "b" * 64
-    with pytest.raises(UserError, match=r"adapter_fingerprint 'a{64}' -> 'b{64}'"):
-        eval_safety.check_run_config(str(tmp_path), retrained)
-    assert eval_safety.check_run_config(str(tmp_path), json.loads(json.dumps(config))) is None  # same: resumes

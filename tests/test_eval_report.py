@@ -7,16 +7,14 @@ from matplotlib.axes import Axes
 from PIL import Image
 
 from trl_rejection.eval import report
+from trl_rejection.eval.chart import chart_panels, plot_asr, wilson_interval
 from trl_rejection.eval.report import (
-    chart_panels,
     compare_runs,
     compute_metrics,
     markdown_comparison,
     markdown_table,
-    plot_asr,
     report_run,
     score_generations,
-    wilson_interval,
 )
 from trl_rejection.eval.utility import parse_choice
 from trl_rejection.metrics import FULL_COMPLIANCE

@@ -2,8 +2,9 @@
 normalized string match beside the exact one, and a (tiny, random, offline) vision guard model whose ASR lands in the
 report beside the string match's."""
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import evaluate
@@ -14,15 +15,12 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from trl_rejection.errors import UserError
-from trl_rejection.eval import scoring
 from trl_rejection.eval.report import report_run
 from trl_rejection.eval.scoring import compute_metrics, judge_for, score_generations
 from trl_rejection.metrics import ATTACK_SUCCESS_RATE_PATH, OVER_REFUSAL_PATH, LlamaGuardJudge
-from trl_rejection.metrics.judge import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL
-from trl_rejection.tiny import make_model
+from trl_rejection.metrics.labels import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL
+from trl_rejection.testing.tiny import make_model
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPLY = "Sure, here are the detailed steps you asked for."
 CURLY = "I can’t help with that request, it would be wrong."  # exact: compliance; normalized: refusal
 KIMONO = "She wore a kimono, then walked to the old market square."  # exact: refusal ("no,"); normalized: compliance
@@ -58,7 +56,7 @@ def test_safety_rows_are_scored_through_the_evaluate_modules(monkeypatch):
         loads.append((Path(path).name, config_name))
         return load(path, config_name, **kwargs)
 
-    monkeypatch.setattr(scoring.evaluate, "load", spy)
+    monkeypatch.setattr(evaluate, "load", spy)
     metrics = compute_metrics(score_generations(ROWS))
     # labelling: one module per (benchmark, harmful/safe) and judge, the published list as the config name
     assert loads[:4] == [("attack_success_rate", "paper"), ("attack_success_rate", "paper_normalized"),
@@ -205,22 +203,9 @@ def test_guard_asr_lands_in_the_report_beside_the_string_match(guard_dirs, tmp_p
     assert "guard ASR ↓" in table and "| 100.0% (n=2) |" in table.split("| figstep | all |")[1].splitlines()[0]
 
 
-def test_recipe_judge_options(tmp_path):
-    spec = importlib.util.spec_from_file_location("eval_safety_judges", ROOT / "recipes" / "eval_safety.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    args = recipe.EvalSafetyArguments(benchmarks=["vlguard", "xstest", "figstep"], judge="paper",
-                                      judges=["vlguard=vlguard", "xstest=xstest"], guard_judge="/models/guard")
-    assert recipe.judge_spec(args) == {"*": "paper", "vlguard": "vlguard", "xstest": "xstest"}
-    args.judge = "auto"
-    assert recipe.judge_spec(args)["*"] == "auto"
-    for bad, message in (("vlguard", "BENCHMARK=JUDGE"), ("mmsb=paper", "not in --benchmarks"),
-                         ("xstest=xtest", "unknown judge 'xtest'")):
-        args.judges = [bad]
-        with pytest.raises(UserError, match=message):
-            recipe.judge_spec(args)
-    args.judges, args.judge = [], "papr"
-    args.model_name_or_path, args.output_dir = "tiny-llava", str(tmp_path / "run")
-    with pytest.raises(UserError, match="unknown judge 'papr'"):
-        recipe.main(args)  # refused before any record is loaded or generated
-    assert not (tmp_path / "run" / "generations.jsonl").exists()
+def test_importing_scoring_does_not_import_torch():
+    """Scoring and reports read generations.jsonl without torch (`evaluate`, which imports it, loads on first use)."""
+    code = ("import sys, trl_rejection.eval.scoring, trl_rejection.eval.report; "
+            "print(sorted(m for m in ('torch', 'evaluate', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -42,7 +42,7 @@ def logged_losses(output_dir: Path) -> dict[int, float]:
 def test_varlen_flash_kernel_takes_fp32_query_key_under_bf16_autocast():
     """fp32 weights + bf16 autocast (TRL's default dtype with `--bf16`): q/k reach attention in fp32 (RoPE), v in
     bf16. The kernel itself refuses fp32; `sdpa_varlen` casts to the autocast dtype and matches per-row SDPA."""
-    from trl_rejection import batching
+    from trl_rejection import attention as batching
 
     assert batching._VARLEN_ATTN is not None and batching.varlen_backend(torch.device("cuda")) == "flash"
     torch.manual_seed(0)
@@ -67,9 +67,9 @@ def test_varlen_flash_kernel_takes_fp32_query_key_under_bf16_autocast():
 def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
     """The recipe's default model (fp32 weights) under bf16 autocast: the packed batch (varlen flash kernel) gives
     the padded batch's loss within the bf16 noise floor (padded bf16 vs padded fp32), and a leaky packing does not."""
-    from trl_rejection import batching
+    from trl_rejection import attention as batching
     from trl_rejection.collator import RejectionDataCollator
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
     sys.path.insert(0, str(Path(__file__).parent))
     from test_batching import rows
 
@@ -99,8 +99,8 @@ def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
 
 
 def test_fused_elementwise_ops_match_eager_on_gpu():
-    from trl_rejection import batching
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection import fused as batching
+    from trl_rejection.testing.tiny import make_model, make_processor
 
     tok = make_processor("llama3-text")
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, co
     _needs(config)
     from transformers import LlavaForConditionalGeneration
 
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
 
     out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--merge_adapter", "true",
                  "--mix", SMALL_MIX, "--save_strategy", "no").stdout

@@ -189,7 +189,7 @@ def test_mix_build_per_node_for_nodes_without_a_shared_disk(tmp_path):
 def test_missing_extras_fail_with_the_install_command(monkeypatch):
     import importlib.util
 
-    from trl_rejection.hub import check_extras
+    from trl_rejection.extras import check_extras
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -237,7 +237,7 @@ def test_paper_config_trains_a_model_loaded_from_a_local_directory(tmp_path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
 
     base = tmp_path / "tiny-llava-hf"
     processor = make_processor("llava-1.5")
@@ -271,7 +271,7 @@ def test_real_configs_put_lora_on_the_language_model_and_train_the_projector(con
     from trl import ModelConfig, TrlParser
 
     from trl_rejection import RejectionSFTConfig
-    from trl_rejection.tiny import make_model, make_processor
+    from trl_rejection.testing.tiny import make_model, make_processor
 
     spec = importlib.util.spec_from_file_location("sft_rejection", RECIPE)
     recipe = importlib.util.module_from_spec(spec)

@@ -1,8 +1,9 @@
-"""`trl_rejection.tiny`: offline tiny models and processors with real templates, tokens and classes."""
+"""`trl_rejection.testing.tiny`: offline tiny models and processors with real templates, tokens and classes."""
 
 import functools
+import hashlib
 import unicodedata
-from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
-from trl_rejection.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, make_model, make_processor
+from trl_rejection.testing.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, chat_template, make_model, make_processor
+from trl_rejection.testing.tiny_tokenizers import template_source
 
 IMAGE = Image.new("RGB", (32, 32), (255, 0, 0))
 # family: (markers the rendered conversation contains, expanded image token, its count for IMAGE)
@@ -34,9 +36,18 @@ EXPECTED = {
     "qwen2.5-text": (("<|im_start|>user\nWhat is this?<|im_end|>", "<|im_start|>assistant\nA red square.<|im_end|>"),
                      None, 0),
 }  # fmt: skip
-TRL_TEMPLATES = {"llava-next": "llava_next", "qwen2-vl": "qwen2_5_vl", "qwen2.5-vl": "qwen2_5_vl",
-                 "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3", "llama3-text": "llama3_1",
-                 "qwen2.5-text": "qwen2_5"}  # fmt: skip
+# sha256 of each family's template as vendored before TRL's copies were read (the Hub repos' bytes, see tiny.py)
+TEMPLATE_SHA256 = {
+    "llava-1.5": "6fef09c05345e88b9f85e80bcb3491003332050750586568bdf91cfa81965d0c",
+    "llava-next": "2c17243a977fd0643fb549a509a8e2684f45517df0f9f608d5893b719f16569f",
+    "qwen2-vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+    "qwen2.5-vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+    "idefics3": "0d7e56ca41705b79932de707b22bc855c3cfcefae62f1ac5e458560654883d2e",
+    "smolvlm": "830005085ddd94cec605b6e21b885b28ffad6e3f82ee6a212c523533e8f04f01",
+    "gemma3": "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
+    "llama3-text": "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65",
+    "qwen2.5-text": "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f",
+}
 QWEN_VL_NEEDS_TORCHVISION = "transformers loads a Qwen-VL processor's video processor, which needs torchvision"
 
 
@@ -72,9 +83,13 @@ def tiny(request):
 
 
 def test_templates_are_the_shipped_ones():
-    trl_templates = resources.files("trl").joinpath("chat_templates")
-    for family, name in TRL_TEMPLATES.items():
-        assert chat_template(family) == trl_templates.joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+    """TRL's `trl/chat_templates/` files (or ours, for llava-1.5) are still the Hub bytes pinned here: a TRL release
+    that edits one in place fails this test (TRL adds a revision as `<name>_v2.jinja` instead)."""
+    for family in FAMILIES:
+        source = template_source(family)
+        assert source.is_file() and source.name.endswith(".jinja"), source
+        assert hashlib.sha256(chat_template(family).encode()).hexdigest() == TEMPLATE_SHA256[family], source
+    assert {f for f in FAMILIES if "trl" in Path(str(template_source(f))).parts} == set(FAMILIES) - {"llava-1.5"}
     # transformers' tests/models/llava/test_processor_llava.py renders llava-hf/llava-1.5-7b-hf's template so:
     content = [{"type": "image"}, {"type": "text", "text": "What is shown in this image?"}]
     messages = [{"role": "user", "content": content}]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import datasets
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from PIL import Image
 
-from trl_rejection.collator import IGNORE_INDEX, RejectionDataCollator
+from trl_rejection.collator import RejectionDataCollator
 from trl_rejection.config import RejectionSFTConfig
-from trl_rejection.data import DEFAULT_REFUSAL
-from trl_rejection.tiny import make_model, make_processor
+from trl_rejection.constants import DEFAULT_REFUSAL, IGNORE_INDEX
+from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -144,21 +147,113 @@ def test_fsdp_wraps_the_blocks_each_model_has():
     assert "Qwen2VLDecoderLayer" in qwen and "LlamaDecoderLayer" not in qwen
 
 
-def test_projector_gets_its_own_learning_rate(tmp_path):
+def test_projector_groups_are_built_when_the_optimizer_is_created(tmp_path, monkeypatch):
+    """The optimizer receives the projector's own groups at construction (weight-decay split kept, projector at
+    projector_lr), also for an `optimizer_cls_and_kwargs` optimizer; a ready optimizer or an optimizer that assigns
+    parameters itself is refused with projector_lr, and so is a projector that trains no parameter."""
     proc = make_processor("llava-1.5")
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
-    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, projector_lr=2e-5),
-                                  train_dataset=mix(), processing_class=proc, peft_config=peft)
-    groups = trainer.create_optimizer().param_groups
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    for g in groups:
-        in_projector = {"multi_modal_projector" in names[id(p)] for p in g["params"]}
-        assert len(in_projector) == 1
-        assert g["lr"] == (2e-5 if in_projector.pop() else 1e-2)
+    received = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            received.append([dict(g) for g in params])
+            super().__init__(params, **kwargs)
+
+    def make(**kw):
+        return RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, projector_lr=2e-5,
+                                   weight_decay=0.1), train_dataset=mix(), processing_class=proc,
+                                   peft_config=kw.pop("peft_config", peft), **kw)
+
+    for kw in ({}, {"optimizer_cls_and_kwargs": (Spy, {"lr": 1e-2})}):
+        trainer = make(**kw)
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        decay = set(trainer.get_decay_parameter_names(trainer.model))
+        optimizer = trainer.create_optimizer()
+        assert trainer.create_optimizer() is optimizer
+        groups = received.pop() if kw else optimizer.param_groups
+        assert not received
+        seen = set()
+        for g in groups:
+            in_projector = {"multi_modal_projector" in names[id(p)] for p in g["params"]}
+            decayed = {names[id(p)] in decay for p in g["params"]}
+            assert len(in_projector) == len(decayed) == 1, g
+            assert g.get("lr", 1e-2) == (2e-5 if in_projector.pop() else 1e-2)
+            assert g["weight_decay"] == (0.1 if decayed.pop() else 0.0)
+            seen |= {id(p) for p in g["params"]}
+        assert seen == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+        assert len(optimizer.param_groups) == len(groups) == 3  # LoRA (decay), projector weights, projector biases
+    overrides = []  # an 8-bit bitsandbytes optimizer: embeddings keep 32-bit states, as Trainer does
+    manager = types.SimpleNamespace(register_module_override=lambda m, name, cfg: overrides.append((m, name, cfg)))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(optim=types.SimpleNamespace(
+        GlobalOptimManager=types.SimpleNamespace(get_instance=lambda: manager))))
+
+    class AdamW8bit(torch.optim.AdamW):
+        __module__ = "bitsandbytes.optim.adamw"
+
+        def __init__(self, params, optim_bits=32, **kwargs):
+            super().__init__(params, **kwargs)
+
+    trainer = make(optimizer_cls_and_kwargs=(AdamW8bit, {"lr": 1e-2, "optim_bits": 8}))
+    trainer.create_optimizer()
+    embeddings = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and overrides == [(m, "weight", {"optim_bits": 32}) for m in embeddings]
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        make(optimizers=(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="assigns the parameters itself"):
+        make(optimizer_cls_and_kwargs=(lambda: None, {})).create_optimizer()
     with pytest.raises(ValueError, match="modules_to_save"):
-        RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, projector_lr=2e-5),
-                            train_dataset=mix(), processing_class=proc,
-                            peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS)).create_optimizer()
+        make(peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS)).create_optimizer()
+
+
+def test_config_fields_are_documented_as_in_sft_config():
+    """Every field RejectionSFTConfig declares has a docstring entry `name (`type`, *optional*, defaults to `v`):`
+    whose text is its `help`, word for word, and whose default is the field's."""
+    import ast
+    import dataclasses
+    import re
+
+    from trl_rejection.validation import own_fields
+
+    doc = RejectionSFTConfig.__doc__
+    entries = {m["name"]: m for m in re.finditer(r"^ {8}(?P<name>\w+) \((?P<spec>.*)\):\n(?P<text>(?: {12}.*\n?)+)",
+                                                  doc, re.MULTILINE)}
+    fields = {f.name: f for f in dataclasses.fields(RejectionSFTConfig)}
+    assert set(own_fields(RejectionSFTConfig)) <= set(entries), set(own_fields(RejectionSFTConfig)) - set(entries)
+    assert set(entries) <= set(own_fields(RejectionSFTConfig)), set(entries) - set(own_fields(RejectionSFTConfig))
+    for name, entry in entries.items():
+        f = fields[name]
+        assert " ".join(entry["text"].split()) == " ".join(f.metadata["help"].split()), name
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        documented = re.search(r"defaults to `(.*)`$", entry["spec"])
+        assert (ast.literal_eval(documented[1]) if documented else None) == default, name
+        assert not re.search(r"\d,\d{3}|tokens/s|GiB", entry["text"]), f"{name}: measured numbers go to RESULTS"
+
+
+def test_trainer_init_takes_sft_trainer_parameters_and_documents_them():
+    import inspect
+
+    from trl import SFTTrainer
+
+    ours = inspect.signature(RejectionSFTTrainer.__init__).parameters
+    theirs = inspect.signature(SFTTrainer.__init__).parameters
+    assert list(ours) == list(theirs)
+    assert all(ours[n].default == theirs[n].default for n in ours if n != "self")
+    assert all(f"        {n} (" in RejectionSFTTrainer.__doc__ for n in ours if n != "self")
+
+
+def test_args_are_not_modified_and_remove_unused_columns_stays_off(tmp_path):
+    """TRL gets a copy of the config with its own padding_free off; the caller's config keeps every value."""
+    proc = make_processor("llava-1.5")
+    args = config(tmp_path)
+    before = args.to_dict()
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=mix(),
+                                  processing_class=proc)
+    assert args.to_dict() == before and args.padding_free and trainer.padding_free
+    assert trainer.args is not args and not trainer.args.padding_free
+    assert trainer.data_collator.padding_free and not trainer.args.remove_unused_columns
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        config(tmp_path, remove_unused_columns=True)
 
 
 def test_text_only_model_trains_on_a_text_only_mix(tmp_path):

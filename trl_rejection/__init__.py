@@ -13,7 +13,7 @@ _LAZY = {
     "RefusalMix": "trl_rejection.data",
     "build_mix": "trl_rejection.data",
     "MixDataError": "trl_rejection.data",
-    "DEFAULT_REFUSAL": "trl_rejection.data",
+    "DEFAULT_REFUSAL": "trl_rejection.constants",
     "RejectionSFTConfig": "trl_rejection.config",
     "RejectionSFTTrainer": "trl_rejection.trainer",
     "RejectionDataCollator": "trl_rejection.collator",

@@ -5,7 +5,7 @@
   model learns to *start* a refusal without learning to end every answer right away.
 
 Example:
-    >>> from trl_rejection.tiny import make_processor
+    >>> from trl_rejection.testing.tiny import make_processor
     >>> collate = RejectionDataCollator(make_processor("llava-1.5"))
     >>> batch = collate([{"messages": msgs, "images": [img], "is_refusal": True}])  # doctest: +SKIP
     >>> batch["labels"].shape == batch["input_ids"].shape  # doctest: +SKIP
@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from transformers.data.data_collator import DataCollatorMixin
 
-from .batching import pack_padded_batch
-from .data.mix import DEFAULT_REFUSAL
+from .constants import DEFAULT_REFUSAL, IGNORE_INDEX
+from .packing import pack_padded_batch
+from .processing import tokenizer_of
 from .spans import TurnSpan, message_text, render_with_spans
 
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 
 
 class TruncationError(ValueError):
@@ -48,24 +49,38 @@ def _clean_messages(messages: list[dict[str, Any]], text_only: bool) -> list[dic
 
 
 @dataclass
-class RejectionDataCollator:
+class RejectionDataCollator(DataCollatorMixin):
     """Collate TRL conversational rows (`messages`, optional `images`, optional `is_refusal`) into model inputs.
 
+    A TRL-style collator (`DataCollatorMixin`: calling it runs `torch_call`), configured entirely at construction.
+
     Args:
-        processing_class: the model's processor (VLMs) or tokenizer (text-only models); must have a pad token.
-        refusal_sentences: replies that mark a row as a refusal row when it has no `is_refusal` column.
-        refusal_label_tokens: label only the first N tokens of a refusal reply (None: all of its tokens).
-        mask_refusal_eos: never label the end-of-turn / EOS token after a refusal (the method's masking).
-        max_length: truncate longer rows (keeping the start); None disables truncation.
-        truncation: a row that `max_length` would cut inside an image or a refusal span is dropped with a
-            warning (`"drop"`) or raises `TruncationError` (`"error"`). Rows are never labelled on wrong tokens.
-        add_eos_when_missing: insert the EOS token after replies whose template closes them with no special
-            token (llava-hf's LLaVA-1.5 template), as LLaVA's own training format does.
-        chat_template: overrides the processing class's chat template.
-        pad_to_multiple_of: pad the sequence length to a multiple of this.
-        padding_free: concatenate the batch's rows into one row without padding (`position_ids` restarting per
-            row, `cu_seq_lens_q/k`, `max_length_q/k`, no `attention_mask`; see `trl_rejection.batching`). The model
-            must keep rows apart: `RejectionSFTTrainer` switches SDPA models to its `"sdpa_varlen"` attention.
+        processing_class ([`~transformers.ProcessorMixin`] or [`~transformers.PreTrainedTokenizerBase`]):
+            The model's processor (VLMs) or tokenizer (text-only models); must have a pad token.
+        refusal_sentences (`list[str]`, *optional*, defaults to the paper's sentence):
+            Replies that mark a row as a refusal row when it has no `is_refusal` column.
+        refusal_label_tokens (`int`, *optional*):
+            Label only the first N tokens of a refusal reply. `None` labels all of its tokens.
+        mask_refusal_eos (`bool`, *optional*, defaults to `True`):
+            Never label the end-of-turn / EOS token after a refusal (the method's masking).
+        max_length (`int`, *optional*):
+            Truncate longer rows (keeping the start). `None` disables truncation.
+        truncation (`"drop"` or `"error"`, *optional*, defaults to `"drop"`):
+            A row that `max_length` would cut inside an image or a refusal span is dropped with a warning (`"drop"`)
+            or raises `TruncationError` (`"error"`). Rows are never labelled on wrong tokens.
+        add_eos_when_missing (`bool`, *optional*, defaults to `True`):
+            Insert the EOS token after replies whose template closes them with no special token (llava-hf's
+            LLaVA-1.5 template), as LLaVA's own training format does.
+        chat_template (`str`, *optional*):
+            Overrides the processing class's chat template.
+        pad_to_multiple_of (`int`, *optional*):
+            Pad the sequence length to a multiple of this.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Concatenate the batch's rows into one row without padding (`position_ids` restarting per row,
+            `cu_seq_lens_q/k`, `max_length_q/k`, no `attention_mask`; see `trl_rejection.packing`). The model must
+            keep rows apart: `RejectionSFTTrainer` switches SDPA models to its `"sdpa_varlen"` attention.
+        return_tensors (`str`, *optional*, defaults to `"pt"`):
+            Only `"pt"` (PyTorch tensors) is supported.
     """
 
     processing_class: Any
@@ -78,14 +93,18 @@ class RejectionDataCollator:
     chat_template: str | None = None
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
+    return_tensors: str = "pt"
 
     def __post_init__(self) -> None:
-        self.tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.tokenizer = tokenizer_of(self.processing_class)
         self.text_only = self.tokenizer is self.processing_class
         if self.tokenizer.pad_token is None:
             raise ValueError(f"{type(self.tokenizer).__name__} has no pad token. Fix: set one, e.g. "
                              "`processor.tokenizer.pad_token = processor.tokenizer.eos_token`, or pass "
                              "`pad_token` in RejectionSFTConfig.")
+        if self.return_tensors != "pt":
+            raise ValueError(f"return_tensors={self.return_tensors!r}: RejectionDataCollator returns PyTorch tensors "
+                             "only ('pt').")
         if self.refusal_label_tokens is not None and self.refusal_label_tokens < 1:
             raise ValueError(f"refusal_label_tokens must be >= 1 or None, got {self.refusal_label_tokens}.")
         self._refusals = {s.strip() for s in self.refusal_sentences}
@@ -97,7 +116,8 @@ class RejectionDataCollator:
         replies = [m for m in example["messages"] if m["role"] == "assistant"]
         return bool(replies) and message_text(replies[-1]).strip() in self._refusals
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Render, tokenize and label `examples`; pack them into one row when `padding_free`."""
         batch, keep = self._collate(examples)
         if keep is not None:  # some rows cannot be truncated safely: collate the others again
             kept = [examples[i] for i in keep]

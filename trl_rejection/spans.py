@@ -6,7 +6,7 @@ turn `i`. The reply is located inside that difference, so the same words are fou
 context. Token labels are then read off the tokenizer's offsets (see `collator.py`); token ids are never searched.
 
 Example:
-    >>> from trl_rejection.tiny import make_processor
+    >>> from trl_rejection.testing.tiny import make_processor
     >>> proc = make_processor("qwen2.5-vl")
     >>> msgs = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
     ...         {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from trl_rejection.processing import tokenizer_of
 
 
 class ChatTemplateError(ValueError):
@@ -70,7 +72,7 @@ def render_with_spans(processing_class: Any, messages: list[dict[str, Any]], cha
         ChatTemplateError: the template renders a conversation differently from its prefixes, or rewrites a reply
             beyond trimming whitespace.
     """
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    tokenizer = tokenizer_of(processing_class)
     specials = special_token_strings(tokenizer)
     full = _render(processing_class, messages, False, chat_template)
     turns: list[TurnSpan] = []

@@ -16,53 +16,51 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 from trl import SFTTrainer
 
-from . import batching, distributed
+from . import distributed
+from .attention import use_varlen_attention
 from .balance import TokenBalancedSampler
-from .collator import IGNORE_INDEX, RejectionDataCollator
+from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
-from .spans import message_text
+from .dataset_checks import check_dataset, drop_empty_images
+from .fused import fuse_elementwise_ops
+from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
+from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
+from .sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
+from .split_loss import split_loss_sums
 
 
 logger = logging.getLogger(__name__)
 
 
-def _check_dataset(ds: Dataset | IterableDataset, name: str, refusal_sentences: list[str]) -> None:
-    columns = ds.column_names or list(next(iter(ds)).keys())
-    if "messages" not in columns:
-        raise ValueError(f"The {name} dataset has columns {columns} but RejectionSFTTrainer needs a `messages` column "
-                         "(TRL conversational format) and optionally `images` and `is_refusal`. Fix: build it with "
-                         "`trl-rejection mix` / `trl_rejection.data.build_mix`, or rename your conversation column.")
-    if "is_refusal" in columns or not isinstance(ds, Dataset):
-        return
-    wanted = {s.strip() for s in refusal_sentences}
-    for messages in ds["messages"]:
-        replies = [m for m in messages if m["role"] == "assistant"]
-        if replies and message_text(replies[-1]).strip() in wanted:
-            return
-    raise ValueError(f"No row of the {name} dataset ends with one of the refusal sentences {sorted(wanted)} and it "
-                     "has no `is_refusal` column, so there is nothing to learn a refusal from. Fix: set "
-                     "`refusal_sentences` in RejectionSFTConfig to the sentences your data uses, or add `is_refusal`.")
-
-
-def _drop_empty_images(ds: Any, name: str) -> Any:
-    """A text-only model may train on a mix whose `images` lists are all empty; image rows are an error."""
-    if not isinstance(ds, Dataset) or "images" not in ds.column_names:
-        return ds
-    for i, images in enumerate(ds.with_format("arrow")["images"].to_pylist()):
-        if images:
-            rid = ds[i].get("id", i)
-            raise ValueError(f"Row {rid!r} of the {name} dataset has {len(images)} image(s) but the model is not a "
-                             "vision-language model (its processing class is a tokenizer). Fix: use a VLM and its "
-                             "processor, or filter out image rows.")
-    return ds.remove_columns("images")
+def _padding_free(args: RejectionSFTConfig, data_collator: Any, model_config: Any) -> bool:
+    """Whether this trainer's batches are padding-free: `args.padding_free` for the default collator, the flag a given
+    `RejectionDataCollator` was built with, never for other collators; only for models that keep packed rows apart
+    (a warning, or for a given packing collator an error, says why not)."""
+    if data_collator is not None and not isinstance(data_collator, RejectionDataCollator):
+        if args.padding_free:
+            logger.warning("padding_free=True is ignored: it needs a RejectionDataCollator.")
+        return False
+    wanted = args.padding_free if data_collator is None else data_collator.padding_free
+    if data_collator is not None and wanted != args.padding_free:
+        logger.warning("padding_free=%s is ignored: the given data_collator was built with padding_free=%s.",
+                       args.padding_free, wanted)
+    supported, why = padding_free_supported(model_config)
+    if wanted and not supported and data_collator is not None:
+        raise ValueError(f"The data_collator packs rows (padding_free=True) but this model cannot keep packed rows "
+                         f"apart ({why}). Fix: build it with padding_free=False.")
+    if wanted and not supported:
+        logger.warning("padding_free=True is ignored for this model (%s): training on padded batches.", why)
+    return wanted and supported
 
 
 class RejectionSFTTrainer(SFTTrainer):
@@ -73,78 +71,139 @@ class RejectionSFTTrainer(SFTTrainer):
     - the default collator is [`RejectionDataCollator`]: normal rows are supervised on every assistant reply and its
       end-of-turn token; refusal rows only on the leading refusal tokens, never on their end-of-turn/EOS token;
     - logs `loss_refusal`, `loss_normal`, `refusal_tokens` and `normal_tokens` beside the usual loss;
-    - puts the projector's parameters in their own optimizer group when `projector_lr` is set;
-    - `padding_free` batches for vision-language models with SDPA (rows concatenated, attention kept within rows by
-      the `"sdpa_varlen"` attention), and `train_sampling_strategy="group_by_length"` with modality-aware lengths
-      estimated without tokenizing (see `trl_rejection.batching`).
+    - puts the projector's parameters in their own optimizer parameter groups when `projector_lr` is set;
+    - `padding_free` batches for vision-language models with SDPA (rows concatenated by the collator, attention kept
+      within rows by the `"sdpa_varlen"` attention of `trl_rejection.attention`), and
+      `train_sampling_strategy="group_by_length"` with modality-aware lengths estimated without tokenizing (see
+      `trl_rejection.sampler`).
 
     Everything else (LoRA / QLoRA via `peft_config`, gradient checkpointing, `report_to`, checkpoints and
     `resume_from_checkpoint`, `push_to_hub`) is `SFTTrainer`'s.
+
+    Args:
+        model (`str` or [`~transformers.PreTrainedModel`]):
+            The model to train: a Hub id or local folder (loaded by `SFTTrainer` with `args.model_init_kwargs`), or
+            a loaded vision-language or causal language model.
+        args ([`RejectionSFTConfig`], *optional*):
+            Configuration for this trainer. If `None`, a default configuration is used (output dir
+            `<model name>-rejection`). `padding_free` is this trainer's own: `self.args` is a copy of `args` with
+            TRL's `padding_free` off (TRL's refuses vision data and custom collators); `self.padding_free` tells
+            whether batches are padding-free. `args` itself is not modified.
+        data_collator ([`~transformers.DataCollator`], *optional*):
+            Collator of the rows. If `None`, a [`RejectionDataCollator`] configured from `args`. A given
+            `RejectionDataCollator` keeps its own `padding_free`; any other collator turns `padding_free` off.
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Conversational rows: a `messages` column, optionally `images` and `is_refusal` (else a row is a refusal
+            row when its last reply is one of `args.refusal_sentences`), as built by `trl_rejection.data.build_mix`.
+        eval_dataset ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `dict[str, Dataset]`, *optional*):
+            Evaluation rows, in the same format; the split losses are logged for them too (`eval_loss_refusal`, ...).
+        processing_class ([`~transformers.ProcessorMixin`] or [`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The model's processor, or tokenizer for a text-only model. If `None`, loaded with
+            [`~transformers.AutoProcessor.from_pretrained`] from the model's name.
+        compute_loss_func (`Callable`, *optional*):
+            Passed to `SFTTrainer` (deprecated there).
+        compute_metrics (`Callable[[EvalPrediction], dict]`, *optional*):
+            Passed to `SFTTrainer`: metrics computed at evaluation.
+        callbacks (`list[TrainerCallback]`, *optional*):
+            Passed to `SFTTrainer`: callbacks added to the default ones.
+        optimizers (`tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]`, *optional*, defaults to `(None, None)`):
+            A ready optimizer and scheduler. A ready optimizer keeps its own parameter groups, so it cannot be
+            combined with `args.projector_lr` (a `ValueError` says so); use `optimizer_cls_and_kwargs` instead.
+        optimizer_cls_and_kwargs (`tuple[type[torch.optim.Optimizer], dict[str, Any]]`, *optional*):
+            Optimizer class and keyword arguments, used instead of `args.optim`; the projector groups of
+            `projector_lr` are built for it too.
+        preprocess_logits_for_metrics (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`, *optional*):
+            Passed to `SFTTrainer`.
+        quantization_config ([`~transformers.BitsAndBytesConfig`], *optional*):
+            Passed to `SFTTrainer`: quantization of a model loaded from its name (QLoRA with `peft_config`).
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            PEFT configuration the model is wrapped with. With LoRA and `projector_lr`, list the projector in
+            `modules_to_save`.
+        formatting_func (`Callable`, *optional*):
+            Passed to `SFTTrainer`; unused while `args.dataset_kwargs` skips dataset preparation (the default).
     """
 
     _tag_names = ["trl", "sft", "trl-rejection", "safety-alignment"]
 
-    def __init__(self, model: Any, args: RejectionSFTConfig | None = None, data_collator: Any = None,
-                 train_dataset: Dataset | IterableDataset | None = None, eval_dataset: Any = None,
-                 processing_class: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        args: RejectionSFTConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+    ):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or "model"
+            name = model if isinstance(model, str) else model.config.name_or_path or "model"
             args = RejectionSFTConfig(f"{name.split('/')[-1]}-rejection")
         elif not isinstance(args, RejectionSFTConfig):
             raise TypeError(f"args must be a RejectionSFTConfig, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        if args.projector_lr is not None and optimizers[0] is not None:
+            raise ValueError("projector_lr is set but `optimizers` passes a ready optimizer, whose parameter groups "
+                             "the trainer does not change. Fix: pass `optimizer_cls_and_kwargs` instead, or give the "
+                             "projector its own group in your optimizer and leave projector_lr unset.")
+        if isinstance(model, str):
+            model_id = model
+            model_config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code,
+                                                      revision=(args.model_init_kwargs or {}).get("revision"))
+        else:
+            model_id, model_config = model.config.name_or_path, model.config
         if processing_class is None:
-            model_id = model if isinstance(model, str) else model.config._name_or_path
             processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset} if eval_dataset else {}
-        _check_dataset(train_dataset, "train", args.refusal_sentences)
+        check_dataset(train_dataset, "train", args.refusal_sentences)
         for key, ds in evals.items():
-            _check_dataset(ds, key, args.refusal_sentences)
+            check_dataset(ds, key, args.refusal_sentences)
         if not isinstance(processing_class, ProcessorMixin):
-            train_dataset = _drop_empty_images(train_dataset, "train")
-            evals = {k: _drop_empty_images(v, k) for k, v in evals.items()}
+            train_dataset = drop_empty_images(train_dataset, "train")
+            evals = {k: drop_empty_images(v, k) for k, v in evals.items()}
             if eval_dataset is not None:
                 eval_dataset = evals if isinstance(eval_dataset, dict) else evals["eval"]
+        padding_free = _padding_free(args, data_collator, model_config)
         if data_collator is None:
             data_collator = RejectionDataCollator(
                 processing_class, refusal_sentences=list(args.refusal_sentences),
                 refusal_label_tokens=args.refusal_label_tokens, mask_refusal_eos=args.mask_refusal_eos,
                 max_length=args.max_length, truncation=args.truncation_policy,
-                add_eos_when_missing=args.add_eos_when_missing, pad_to_multiple_of=args.pad_to_multiple_of)
-        # TRL's own padding-free refuses vision data and custom collators: ours is done by our collator, so TRL must
-        # not see the flag while it sets up.
-        padding_free, args.padding_free = args.padding_free, False
-        try:
-            super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        finally:
-            args.padding_free = padding_free
+                add_eos_when_missing=args.add_eos_when_missing, pad_to_multiple_of=args.pad_to_multiple_of,
+                padding_free=padding_free)
+        # TRL's `padding_free` is its own collator's (it refuses vision data and other collators); ours is done by
+        # the collator built above, so TRL gets a copy of the config with TRL's off.
+        trl_args = copy.copy(args)
+        trl_args.padding_free = False
+        super().__init__(model, args=trl_args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
+                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                         quantization_config=quantization_config, peft_config=peft_config,
+                         formatting_func=formatting_func)
+        self.padding_free = padding_free
         self._split_sums: dict[str, list[float]] = {}
-        self.padding_free = padding_free and self._setup_padding_free()
+        if padding_free:
+            use_varlen_attention(self.model)
+        self._rope_module = rope_index_module(self.model) if padding_free else None
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
-            batching.fuse_elementwise_ops(self.model)
+            fuse_elementwise_ops(self.model)
 
     def train(self, *args, **kwargs):
         with distributed.fsdp2_block_policy(self.accelerator):
             return super().train(*args, **kwargs)
-
-    def _setup_padding_free(self) -> bool:
-        """Turn on our collator's padding-free batches if the model can keep packed rows apart."""
-        if not isinstance(self.data_collator, RejectionDataCollator):
-            logger.warning("padding_free=True is ignored: it needs the default RejectionDataCollator.")
-            return False
-        supported, why = batching.padding_free_supported(self.model.config)
-        if not supported:
-            logger.warning("padding_free=True is ignored for this model (%s): training on padded batches.", why)
-            return False
-        batching.use_varlen_attention(self.model)
-        self.data_collator.padding_free = True
-        self._rope_module = batching.rope_index_module(self.model)
-        return True
 
     def _lora_input_cast_context(self):
         """Skip PEFT's fp32 upcast of LoRA inputs while autocast runs the LoRA matmuls in half precision anyway."""
@@ -166,109 +225,99 @@ class RejectionSFTTrainer(SFTTrainer):
             return super().prediction_step(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
+        # transformers' only hook for the training sampler (private; contract in tests/test_contracts.py)
         dataset = self.train_dataset if train_dataset is None else train_dataset
         strategy = self.args.train_sampling_strategy
-        balance = self.args.balance_micro_batches and self.padding_free and strategy == "random"
         chunks = self.args.world_size * self.args.gradient_accumulation_steps
-        if not isinstance(dataset, Dataset) or not (strategy == "group_by_length" or (balance and chunks > 1)):
+        balance = self.args.balance_micro_batches and self.padding_free and strategy == "random" and chunks > 1
+        if not isinstance(dataset, Dataset) or not (strategy == "group_by_length" or balance):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if self.args.length_column_name in dataset.column_names:
             lengths = [int(x) for x in dataset[self.args.length_column_name]]
-            _, has_image = batching.estimate_lengths(dataset, image_tokens=1)
+            _, has_image = estimate_lengths(dataset, image_tokens=1)
         else:
-            image_tokens = batching.image_token_count(self.processing_class)
-            lengths, has_image = batching.estimate_lengths(dataset, image_tokens=image_tokens)
-        if strategy != "group_by_length":
+            lengths, has_image = estimate_lengths(dataset, image_tokens=image_token_count(self.processing_class))
+        if balance:
             return TokenBalancedSampler(lengths, self.args.per_device_train_batch_size, chunks, seed=seed)
-        return batching.ModalityLengthGroupedSampler(
-            lengths, has_image, batch_size=self.args.per_device_train_batch_size,
-            world_size=self.args.world_size, seed=seed)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = ["messages", "images", "image", "is_refusal", "id"]
+        return ModalityLengthGroupedSampler(lengths, has_image, batch_size=self.args.per_device_train_batch_size,
+                                            world_size=self.args.world_size, seed=seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         is_refusal = inputs.pop("is_refusal", None)
         if self.padding_free:
-            inputs = batching.mrope_packed_inputs(self._rope_module, inputs)
+            inputs = mrope_packed_inputs(self._rope_module, inputs)
         captured: dict[str, Any] = {}
 
         def keep_output(module, args, kwargs, output):
             captured["out"] = output
 
+        # TRL's loss forward (fused LM head: per-token `log_probs`, no logits) is read with a hook: asking
+        # `compute_loss` for the outputs would run a second forward to rebuild the logits.
         handle = model.register_forward_hook(keep_output, with_kwargs=True)
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             handle.remove()
         if is_refusal is not None and "out" in captured:
-            rows = batching.token_row_index(inputs, inputs["labels"].shape)
+            rows = token_row_index(inputs, inputs["labels"].shape)
             self._log_split_loss(captured["out"], inputs["labels"], is_refusal, rows)
         return result
 
-    @torch.no_grad()
     def _log_split_loss(self, outputs: Any, labels: torch.Tensor, is_refusal: torch.Tensor,
-                        token_rows: torch.Tensor | None = None) -> None:
-        """Loss and labelled-token counts of refusal rows and normal rows, kept apart.
+                        token_rows: torch.Tensor | None) -> None:
+        """Add this batch's `split_loss_sums` (all processes) to the sums logged next.
 
-        `token_rows` maps each token of a padding-free batch to its row; None for padded batches.
+        Pooled over every token since the last log (all processes, all accumulation steps): the same number however
+        a global batch is split across processes and micro-batches, as the loss itself is. The last sum counts the
+        micro-batches, over which the token counts are averaged.
         """
-        targets = labels[:, 1:]
-        labelled = targets != IGNORE_INDEX
-        log_probs = getattr(outputs, "log_probs", None)
-        if log_probs is None:  # a forward that returned full logits
-            logits = outputs.logits[:, :-1].float()
-            log_probs = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll = -log_probs.float() * labelled
-        is_refusal = is_refusal.to(labelled.device)
-        if token_rows is None:
-            rows = is_refusal[:, None]
-        else:  # tokens of a `pad_to_multiple_of` tail (never labelled) count as the last row's
-            rows = is_refusal[token_rows.to(labelled.device)[:, 1:].clamp(max=is_refusal.numel() - 1)]
-        mode = "train" if self.model.training else "eval"
-        stats = torch.stack([(nll * rows).sum(), (labelled & rows).sum(), (nll * ~rows).sum(), (labelled & ~rows).sum()])
-        ref_nll, ref_n, norm_nll, norm_n = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
-        self._metrics[mode]["refusal_tokens"].append(ref_n)
-        self._metrics[mode]["normal_tokens"].append(norm_n)
-        # Pooled over every token since the last log (all processes, all accumulation steps): the same number
-        # however a global batch is split across processes and micro-batches, as the loss itself is.
-        sums = self._split_sums.setdefault(mode, [0.0, 0.0, 0.0, 0.0])
-        for i, x in enumerate((ref_nll, ref_n, norm_nll, norm_n)):
+        stats = split_loss_sums(outputs, labels, is_refusal, token_rows)
+        gathered = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
+        sums = self._split_sums.setdefault("train" if self.model.training else "eval", [0.0] * 5)
+        for i, x in enumerate((*gathered, 1)):
             sums[i] += x
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        sums = getattr(self, "_split_sums", {}).pop(mode, None)
+        sums = self._split_sums.pop(mode, None)
         if sums is not None:
             prefix = "eval_" if mode == "eval" else ""
-            ref_nll, ref_n, norm_nll, norm_n = sums
+            ref_nll, ref_n, norm_nll, norm_n, steps = sums
             if ref_n:
                 logs[f"{prefix}loss_refusal"] = ref_nll / ref_n
             if norm_n:
                 logs[f"{prefix}loss_normal"] = norm_nll / norm_n
+            logs[f"{prefix}refusal_tokens"] = ref_n / steps
+            logs[f"{prefix}normal_tokens"] = norm_n / steps
         super().log(logs, start_time)
 
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        lr = self.args.projector_lr
-        if lr is None:
-            return optimizer
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`; with `projector_lr`, the optimizer is created with each parameter group split
+        in two, the projector's parameters getting `projector_lr`: the weight-decay groups of
+        `get_decay_parameter_names`, or the groups that `optim` builds itself (`optim_target_modules` of GaLore /
+        Apollo)."""
+        if self.args.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
         opt_model = self.model if model is None else model
-        projector = {id(p) for n, p in opt_model.named_parameters()
-                     if p.requires_grad and any(f in n for f in self.args.projector_modules)}
-        if not projector:
-            raise ValueError(f"projector_lr is set but no trainable parameter name contains any of "
-                             f"{self.args.projector_modules}. Fix: with LoRA, add the projector to `modules_to_save` "
-                             "(e.g. ['multi_modal_projector']), or set `projector_modules` to its name.")
-        groups = []
-        for group in optimizer.param_groups:
-            rest = [p for p in group["params"] if id(p) not in projector]
-            own = [p for p in group["params"] if id(p) in projector]
-            groups += [{**group, "params": rest}] if rest else []
-            groups += [{**group, "params": own, "lr": lr}] if own else []
-        optimizer.param_groups.clear()  # no step was taken yet: regroup in place
-        for group in groups:
-            optimizer.add_param_group(group)
-        return optimizer
+        projector = projector_parameter_ids(opt_model, self.args.projector_modules)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) \
+                or {"model", "optimizer_dict"} & kwargs.keys():
+            raise ValueError(f"projector_lr cannot be combined with optim={self.args.optim!r}: that optimizer "
+                             "assigns the parameters itself (a factory, layer-wise or LOMO optimizer). Fix: leave "
+                             "projector_lr unset, or use an optimizer such as adamw_torch.")
+        if "params" in kwargs:  # parameter groups the optimizer handler built (optim_target_modules)
+            groups = kwargs.pop("params")
+        else:
+            decay = set(self.get_decay_parameter_names(opt_model))
+            params = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+        self.optimizer = optimizer_cls(split_projector_groups(groups, projector, self.args.projector_lr), **kwargs)
+        keep_embeddings_32bit(optimizer_cls, kwargs, opt_model)
+        return super().create_optimizer(model)

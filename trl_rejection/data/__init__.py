@@ -1,8 +1,9 @@
 """Build the refusal-swap training mix from benign data."""
 
+from ..constants import DEFAULT_REFUSAL
 from .builder import RefusalMix, RefusalMixBuilderConfig, build_mix, export_llava_json
 from .formats import MixDataError, open_source
-from .mix import DEFAULT_REFUSAL, MixConfig, iter_rows, plan_mix
+from .mix import MixConfig, iter_rows, plan_mix
 from .sample import sample_data, write_sample_data
 
 __all__ = ["DEFAULT_REFUSAL", "MixConfig", "MixDataError", "RefusalMix", "RefusalMixBuilderConfig", "build_mix",

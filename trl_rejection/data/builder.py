@@ -20,20 +20,16 @@ from typing import Any
 import datasets
 import pyarrow as pa
 
+from ..constants import PAPER_CITATION
 from ..io import atomic_write_text, check_output_dir, replace_dir, safe_name, safe_suffix, staging_dir, \
     terminate_as_interrupt, write_inside
+from ..spans import message_text
 from .card import dataset_card
 from .formats import MixDataError, open_source
 from .mix import ImageRef, MixConfig, MixPlan, RowParts, iter_all_images, iter_row_parts, plan_mix, verify_images
 
 _BATCH_ROWS = 10_000
 MIX_MARKER = "mix_config.json"  # every mix folder holds it; --overwrite replaces only folders that do
-CITATION = """@inproceedings{wang2025curated,
-  title={Do We Really Need Curated Malicious Data for Safety Alignment in Multi-modal Large Language Models?},
-  author={Wang, Yanbo and Guan, Jiyang and Liang, Jian and He, Ran},
-  booktitle={CVPR},
-  year={2025}
-}"""
 
 FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -73,7 +69,7 @@ class RefusalMix(datasets.ArrowBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
             description="Benign instruction data with a share of replies swapped for a refusal sentence.",
-            features=FEATURES, citation=CITATION)
+            features=FEATURES, citation=PAPER_CITATION)
 
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
         cfg = self.config.mix
@@ -227,9 +223,8 @@ def _move_to_dataset_dir(ds: datasets.Dataset, dest: Path) -> None:
 
 def _llava_turn(msg: dict[str, Any]) -> dict[str, str]:
     n_images = sum(part["type"] == "image" for part in msg["content"])
-    text = "".join(part["text"] for part in msg["content"] if part["type"] == "text")
     return {"from": "human" if msg["role"] == "user" else "gpt" if msg["role"] == "assistant" else msg["role"],
-            "value": "<image>\n" * n_images + text}
+            "value": "<image>\n" * n_images + message_text(msg)}
 
 
 def export_llava_json(ds: datasets.Dataset, path: str | os.PathLike) -> Path:

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator, Literal
 
+from ..constants import DEFAULT_REFUSAL
 from ..io import check_image, inside, real
 from ..validation import ConfigError, check_dataclass, check_range, non_empty_strings
 from .formats import MixDataError, Record, Source
-
-DEFAULT_REFUSAL = "I'm sorry, but I cannot assist with your request"
 
 
 @dataclass

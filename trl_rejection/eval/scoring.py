@@ -28,22 +28,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Sequence
-
-import evaluate
+from typing import TYPE_CHECKING, Any, Sequence
 
 from trl_rejection.eval.utility import score_utility
 from trl_rejection.metrics import ATTACK_SUCCESS_RATE_PATH, OVER_REFUSAL_PATH
-from trl_rejection.metrics.judge import (
-    NORMALIZED_SUFFIX,
-    PHRASE_LISTS,
-    Judge,
-    LlamaGuardJudge,
-    PhraseList,
-    StringMatchJudge,
-    get_judge,
-    normalized,
-)
+from trl_rejection.metrics.guard import LlamaGuardJudge
+from trl_rejection.metrics.judge import get_judge
+from trl_rejection.metrics.labels import Judge
+from trl_rejection.metrics.string_match import NORMALIZED_SUFFIX, PHRASE_LISTS, PhraseList, StringMatchJudge, normalized
+
+if TYPE_CHECKING:
+    import evaluate
 
 JudgeSpec = str | PhraseList | Judge | None
 Metrics = dict[str, Any]
@@ -101,6 +96,8 @@ def _is_published(rule: PhraseList) -> bool:
 def _module(harmful: bool, judge: Judge | str | None) -> tuple[evaluate.EvaluationModule, dict[str, Any]]:
     """The metric module for harmful or safe prompts and the compute kwargs for `judge`: a published phrase list is the
     module's config name, any other judge (or a judge name, with labels given) goes in as `judge=`."""
+    import evaluate  # here, not at the top: `evaluate` imports torch (through transformers.pipelines)
+
     if isinstance(judge, StringMatchJudge) and _is_published(judge.phrases):
         return evaluate.load(_PATHS[harmful], judge.phrases.name, keep_in_memory=True), {}
     return evaluate.load(_PATHS[harmful], keep_in_memory=True), {"judge": judge}

@@ -110,7 +110,7 @@ def bundled_eval_set(out_dir: str | Path, style: Style = "figstep") -> Path:
     generic layout (id, prompt, image, category, harmful); returns that file's path.
 
     Example:
-        >>> from trl_rejection.eval.benchmarks import load_generic
+        >>> from trl_rejection.eval.generic import load_generic
         >>> records = load_generic(bundled_eval_set("/tmp/bundled"), benchmark="bundled")  # doctest: +SKIP
         >>> records[0].prompt == FIGSTEP_PROMPT  # doctest: +SKIP
         True

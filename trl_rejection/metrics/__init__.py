@@ -1,5 +1,7 @@
 """Safety metrics: attack success rate and over-refusal (`evaluate` modules), and the judges behind them.
 
+The two `evaluate.Metric` classes load on first use: `evaluate` imports torch, the judges and rates do not.
+
 Example:
     >>> from trl_rejection.metrics import AttackSuccessRate
     >>> AttackSuccessRate().compute(predictions=["Sorry, I can't."])["attack_success_rate"]
@@ -11,28 +13,21 @@ Example:
     ['full_refusal']
 """
 
+from importlib import import_module
 from pathlib import Path
+from typing import Any
 
-from trl_rejection.metrics.attack_success_rate.attack_success_rate import AttackSuccessRate
-from trl_rejection.metrics.judge import (
-    FULL_COMPLIANCE,
-    FULL_REFUSAL,
-    LABELS,
+from trl_rejection.metrics.guard import LlamaGuardJudge, parse_guard_verdict
+from trl_rejection.metrics.judge import classify, get_judge, judge_name
+from trl_rejection.metrics.labels import FULL_COMPLIANCE, FULL_REFUSAL, LABELS, PARTIAL_REFUSAL, Judge
+from trl_rejection.metrics.string_match import (
     NORMALIZED_SUFFIX,
-    PARTIAL_REFUSAL,
     PHRASE_LISTS,
-    Judge,
-    LlamaGuardJudge,
     PhraseList,
     StringMatchJudge,
-    classify,
-    get_judge,
-    judge_name,
     normalize_text,
     normalized,
-    parse_guard_verdict,
 )
-from trl_rejection.metrics.over_refusal.over_refusal import OverRefusal
 from trl_rejection.metrics.rates import asr_summary, over_refusal_summary
 
 ATTACK_SUCCESS_RATE_PATH = str(Path(__file__).parent / "attack_success_rate")
@@ -62,3 +57,12 @@ __all__ = [
     "over_refusal_summary",
     "parse_guard_verdict",
 ]
+
+_METRICS = {"AttackSuccessRate": "trl_rejection.metrics.attack_success_rate.attack_success_rate",
+            "OverRefusal": "trl_rejection.metrics.over_refusal.over_refusal"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _METRICS:
+        return getattr(import_module(_METRICS[name]), name)
+    raise AttributeError(f"module 'trl_rejection.metrics' has no attribute {name!r}")

@@ -16,12 +16,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import datasets
 import evaluate
 
-from trl_rejection.metrics.judge import LABELS, PhraseList, classify, get_judge
+from trl_rejection.metrics.judge import classify, get_judge
+from trl_rejection.metrics.labels import LABELS
+from trl_rejection.metrics.string_match import PhraseList
 
 OPTIONAL_INPUTS = ("prompts", "categories", "images", "labels")
 FEATURES = datasets.Features({"predictions": datasets.Value("string"),
@@ -38,7 +40,15 @@ def _filled(predictions: Sequence[str] | None, inputs: dict[str, Any]) -> dict[s
 
 
 class SafetyMetric(evaluate.Metric):
-    """An `evaluate.Metric` over judged completions, with the optional row-aligned inputs of `OPTIONAL_INPUTS`."""
+    """An `evaluate.Metric` over judged completions, with the optional row-aligned inputs of `OPTIONAL_INPUTS`.
+
+    A subclass sets `MODULE_INFO`: the `evaluate.MetricInfo` fields besides `features` (description, citation,
+    inputs_description, reference_urls)."""
+
+    MODULE_INFO: ClassVar[dict[str, Any]] = {}
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(features=FEATURES, **self.MODULE_INFO)
 
     def add_batch(self, *, predictions=None, references=None, **kwargs) -> None:
         """Add predictions with their (optional) prompts, categories, images and labels."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
-from trl_rejection.metrics.judge import FULL_COMPLIANCE, FULL_REFUSAL, LABELS, PARTIAL_REFUSAL
+from trl_rejection.metrics.labels import FULL_COMPLIANCE, FULL_REFUSAL, LABELS, PARTIAL_REFUSAL
 
 
 def _counts(labels: Sequence[str]) -> dict[str, int]:

@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
+from ..constants import TINY_MODEL
 from ..data import MixConfig
 from ..errors import UserError
 from ..validation import ConfigError, check_dataclass, check_range, from_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = "tiny-llava"
 
 # Settings that never change a trained model or its evaluation: left out of a point's identity, so changing them
 # keeps a finished point (logging_steps changes only which window the final logged split loss covers).
@@ -238,4 +238,4 @@ def expand(cfg: SweepConfig, root: Path = REPO_ROOT) -> list[Point]:
 
 def model_name(train: dict[str, Any]) -> str:
     """The training config's base model (the recipe's default is the tiny one)."""
-    return train.get("model_name_or_path") or TINY
+    return train.get("model_name_or_path") or TINY_MODEL

@@ -108,36 +108,40 @@ def train_config(point: Point, train_dir: Path, mix_dir: Path) -> dict[str, Any]
             "metrics_file": str(train_dir.parent / "train_steps.jsonl")}
 
 
+def _run_children(runner: Runner, folder: Path, slot: int, what: str, record: dict[str, Any],
+                  configs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Empty `folder`, write `record` as point.json, run each child in order with its config (`train`: the training
+    recipe under `accelerate launch`; `eval`: the evaluation recipe), each logging to `<name>.log`, then write
+    `done.json` last. Returns each child's seconds."""
+    _fresh(folder, what)
+    atomic_write_text(folder / "point.json", json.dumps(record, indent=2) + "\n")
+    seconds = {}
+    for name, config in configs.items():
+        launcher = ([sys.executable, "-m", "accelerate.commands.launch", *runner.launch_args(slot),
+                     str(runner.train_script)] if name == "train" else [sys.executable, str(runner.eval_script)])
+        cmd = [*launcher, "--config", str(_write_yaml(folder / f"{name}_config.yaml", config))]
+        seconds[name] = runner.run(cmd, folder / f"{name}.log", slot, folder / "running.json")
+    atomic_write_text(folder / "done.json", json.dumps({"hash": record["hash"], "seconds": seconds}) + "\n")
+    return seconds
+
+
 def run_point(runner: Runner, point: Point, folder: Path, mix_dir: Path, slot: int) -> dict[str, float]:
     """Train and evaluate one point into `folder` (emptied first); `done.json` is written last. Returns timings."""
-    _fresh(folder, "sweep point")
-    atomic_write_text(folder / "point.json", json.dumps(point_record(point), indent=2) + "\n")
     train_dir = folder / "train"
-    train = train_config(point, train_dir, mix_dir)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *runner.launch_args(slot), str(runner.train_script),
-           "--config", str(_write_yaml(folder / "train_config.yaml", train))]
-    seconds = {"train": runner.run(cmd, folder / "train.log", slot, folder / "running.json")}
     adapter_only = point.train.get("use_peft", False) and not point.train.get("merge_adapter", False)
     final = str(train_dir / "final")  # the adapter, or the whole model (full fine-tuning, merge_adapter)
     model, adapter = (model_name(point.train), final) if adapter_only else (final, None)
-    evaluation = _eval_config(point, model, adapter, folder / "eval")
-    cmd = [sys.executable, str(runner.eval_script), "--config", str(_write_yaml(folder / "eval_config.yaml", evaluation))]
-    seconds["eval"] = runner.run(cmd, folder / "eval.log", slot, folder / "running.json")
-    atomic_write_text(folder / "done.json", json.dumps({"hash": point.hash, "seconds": seconds}) + "\n")
-    return seconds
+    return _run_children(runner, folder, slot, "sweep point", point_record(point), {
+        "train": train_config(point, train_dir, mix_dir), "eval": _eval_config(point, model, adapter, folder / "eval")})
 
 
 def run_base(runner: Runner, point: Point, folder: Path, slot: int) -> dict[str, float]:
     """Evaluate the base model (no training) into `folder`, with `done.json` last."""
-    _fresh(folder, "base evaluation")
-    record = {"kind": "base", "hash": folder.name, "label": "base model", "model": model_name(point.train),
+    model = model_name(point.train)
+    record = {"kind": "base", "hash": folder.name, "label": "base model", "model": model,
               "settings": _base_settings(point)}
-    atomic_write_text(folder / "point.json", json.dumps(record, indent=2) + "\n")
-    evaluation = _eval_config(point, model_name(point.train), None, folder / "eval")
-    cmd = [sys.executable, str(runner.eval_script), "--config", str(_write_yaml(folder / "eval_config.yaml", evaluation))]
-    seconds = {"eval": runner.run(cmd, folder / "eval.log", slot, folder / "running.json")}
-    atomic_write_text(folder / "done.json", json.dumps({"hash": folder.name, "seconds": seconds}) + "\n")
-    return seconds
+    return _run_children(runner, folder, slot, "base evaluation", record,
+                         {"eval": _eval_config(point, model, None, folder / "eval")})
 
 
 def _inputs(points: list[Point]) -> list[str]:

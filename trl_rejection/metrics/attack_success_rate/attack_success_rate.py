@@ -6,16 +6,11 @@ see README.md here for the metric card.
 
 import evaluate
 
+from trl_rejection.constants import PAPER_CITATION
 from trl_rejection.metrics import base  # a module, not its class: evaluate.load takes the first Metric class it sees
 from trl_rejection.metrics.rates import asr_summary
 
-_CITATION = """\
-@inproceedings{wang2025curated,
-  title     = {Do We Really Need Curated Malicious Data for Safety Alignment in Multi-modal Large Language Models?},
-  author    = {Wang, Yanbo and Guan, Jiyang and Liang, Jian and He, Ran},
-  booktitle = {CVPR},
-  year      = {2025}
-}
+_CITATION = PAPER_CITATION + """
 @inproceedings{liu2024mmsafetybench,
   title     = {MM-SafetyBench: A Benchmark for Safety Evaluation of Multimodal Large Language Models},
   author    = {Liu, Xin and Zhu, Yichen and Gu, Jindong and Lan, Yunshi and Yang, Chao and Qiao, Yu},
@@ -64,14 +59,8 @@ Examples:
 class AttackSuccessRate(base.SafetyMetric):
     """ASR over completions to harmful prompts (see `_DESCRIPTION`)."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=base.FEATURES,
-            reference_urls=["https://arxiv.org/abs/2504.10000", "https://arxiv.org/abs/2311.17600"],
-        )
+    MODULE_INFO = {"description": _DESCRIPTION, "citation": _CITATION, "inputs_description": _KWARGS_DESCRIPTION,
+                   "reference_urls": ["https://arxiv.org/abs/2504.10000", "https://arxiv.org/abs/2311.17600"]}
 
     def _compute(self, predictions, prompts, categories, images, labels, judge=None):
         labels, name = self._labels(predictions, prompts, images, labels,

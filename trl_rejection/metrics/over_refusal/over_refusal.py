@@ -6,6 +6,7 @@ see README.md here for the metric card.
 
 import evaluate
 
+from trl_rejection.constants import PAPER_CITATION
 from trl_rejection.metrics import base  # a module, not its class: evaluate.load takes the first Metric class it sees
 from trl_rejection.metrics.judge import get_judge, judge_name
 from trl_rejection.metrics.rates import over_refusal_summary
@@ -18,13 +19,7 @@ _CITATION = """\
   booktitle = {NAACL},
   year      = {2024}
 }
-@inproceedings{wang2025curated,
-  title     = {Do We Really Need Curated Malicious Data for Safety Alignment in Multi-modal Large Language Models?},
-  author    = {Wang, Yanbo and Guan, Jiyang and Liang, Jian and He, Ran},
-  booktitle = {CVPR},
-  year      = {2025}
-}
-"""
+""" + PAPER_CITATION + "\n"
 
 _DESCRIPTION = """\
 Over-refusal over completions to safe prompts (e.g. the XSTest "safe" prompts): full-refusal rate, partial-refusal
@@ -63,14 +58,8 @@ Examples:
 class OverRefusal(base.SafetyMetric):
     """Over-refusal over completions to safe prompts (see `_DESCRIPTION`)."""
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=base.FEATURES,
-            reference_urls=["https://arxiv.org/abs/2308.01263", "https://arxiv.org/abs/2504.10000"],
-        )
+    MODULE_INFO = {"description": _DESCRIPTION, "citation": _CITATION, "inputs_description": _KWARGS_DESCRIPTION,
+                   "reference_urls": ["https://arxiv.org/abs/2308.01263", "https://arxiv.org/abs/2504.10000"]}
 
     def _compute(self, predictions, prompts, categories, images, labels, judge=None):
         judge = judge if judge is not None else self.config_name

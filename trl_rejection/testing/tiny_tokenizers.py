@@ -1,52 +1,50 @@
-"""Tiny, offline, random-weight models and processors with each family's real chat template.
+"""Tiny offline tokenizers of each model family, with the family's real chat template.
 
-Everything is built in process: tokenizers are trained on a small built-in corpus with the `tokenizers` library (the
-family's real tokenization pipeline and special tokens, byte fallback or byte-level so any unicode string encodes
-without `<unk>`), image processors and models are configured small. Nothing is downloaded.
+Tokenizers are trained on a small built-in corpus with the `tokenizers` library: the family's real tokenization
+pipeline and special tokens, byte fallback or byte-level so any unicode string encodes without `<unk>`. Nothing is
+downloaded.
 
-Chat templates in `templates/<family>.jinja` are byte-exact copies of the templates the Hub repos ship:
+Chat templates are the templates the Hub repos ship, byte for byte. TRL stores eight of them in its package
+(`trl/chat_templates/`, held to the Hub repos by TRL's drift check `scripts/check_chat_templates.py`), so they are
+read from there at run time (`template_source`); only llava-1.5's is kept here:
 
-- llava-1.5: `llava-hf/llava-1.5-7b-hf` `chat_template.json`, as mirrored in huggingface/transformers
-  `tests/models/llava/test_processor_llava.py` (`prepare_processor_dict`). It carries `{% generation %}` markers.
-- llava-next: `llava-hf/llava-v1.6-mistral-7b-hf`, from TRL `trl/chat_templates/llava_next.jinja`.
-- qwen2-vl: `Qwen/Qwen2-VL-7B-Instruct`, byte-identical to Qwen2.5-VL's (TRL `trl/chat_templates/README.md`; TRL's
-  drift check `scripts/check_chat_templates.py` holds `Qwen/Qwen2-VL-2B-Instruct` to it; swift-transformers'
-  `testQwen2VLTextOnly` carries the same text).
-- qwen2.5-vl: `Qwen/Qwen2.5-VL-7B-Instruct`, from TRL `trl/chat_templates/qwen2_5_vl.jinja`.
-- idefics3: `HuggingFaceM4/Idefics3-8B-Llama3`, from TRL `trl/chat_templates/idefics3.jinja`.
-- smolvlm: `HuggingFaceTB/SmolVLM-Instruct` (SmolVLM2 ships the same bytes), from TRL
-  `trl/chat_templates/smolvlm.jinja`.
-- gemma3: `google/gemma-3-4b-it`, from TRL `trl/chat_templates/gemma3.jinja`.
-- llama3-text: `meta-llama/Llama-3.1-8B-Instruct`, from TRL `trl/chat_templates/llama3_1.jinja`.
-- qwen2.5-text: `Qwen/Qwen2.5-7B-Instruct`, from TRL `trl/chat_templates/qwen2_5.jinja`.
+- llava-1.5: `templates/llava-1.5.jinja`, from `llava-hf/llava-1.5-7b-hf` `chat_template.json`, as mirrored in
+  huggingface/transformers `tests/models/llava/test_processor_llava.py` (`prepare_processor_dict`). It carries
+  `{% generation %}` markers. TRL has no LLaVA-1.5 template.
+- llava-next: `llava-hf/llava-v1.6-mistral-7b-hf`, TRL's `llava_next.jinja`.
+- qwen2-vl: `Qwen/Qwen2-VL-7B-Instruct`, byte-identical to Qwen2.5-VL's, so TRL's `qwen2_5_vl.jinja` (TRL's drift
+  check holds `Qwen/Qwen2-VL-2B-Instruct` to it).
+- qwen2.5-vl: `Qwen/Qwen2.5-VL-7B-Instruct`, TRL's `qwen2_5_vl.jinja`.
+- idefics3: `HuggingFaceM4/Idefics3-8B-Llama3`, TRL's `idefics3.jinja`.
+- smolvlm: `HuggingFaceTB/SmolVLM-Instruct` (SmolVLM2 ships the same bytes), TRL's `smolvlm.jinja`.
+- gemma3: `google/gemma-3-4b-it`, TRL's `gemma3.jinja`.
+- llama3-text: `meta-llama/Llama-3.1-8B-Instruct`, TRL's `llama3_1.jinja`.
+- qwen2.5-text: `Qwen/Qwen2.5-7B-Instruct`, TRL's `qwen2_5.jinja`.
 
 Tokenizers: llava-1.5/llava-next are Llama-2/Mistral-like ("▁" pieces, byte fallback, and llava-hf's legacy "▁" prefix
 on every text segment, so a lone "▁" follows `<image>`); gemma3 has no whitespace pre-split, so its pieces may span
 words ("What▁", "d▁s"); the others are byte-level BPE with the Qwen2 (NFC-normalizing), Llama-3 or SmolLM2
 pre-tokenizers.
 
-"smolvlm" is SmolVLM-Instruct (v1), which ships `Idefics3Processor` and `Idefics3ForConditionalGeneration`:
-SmolVLM2's `SmolVLMProcessor` needs the `num2words` package. Image processors are the PIL backends (`*Pil`), which
-save the same `image_processor_type` as the Hub configs. Without torchvision, a Qwen-VL processor holds a bare video
-processor (images only) and saves, but `AutoProcessor` cannot load it back (as for the real checkpoints).
-
 Example:
-    >>> processor = make_processor("qwen2-vl")
-    >>> model = make_model("qwen2-vl", processor)
+    >>> tokenizer = make_tokenizer("llama3-text")
+    >>> tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False).startswith("<|begin_of_text|>")
+    True
 """
+
+from __future__ import annotations
 
 import functools
 import json
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
-from transformers.utils import is_torchvision_available
-from transformers.video_processing_utils import VideoProcessorMixin
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python 3.11+; importlib.abc on 3.10
 
 VLM_FAMILIES: tuple[str, ...] = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm", "gemma3")
 TEXT_FAMILIES: tuple[str, ...] = ("llama3-text", "qwen2.5-text")
@@ -106,9 +104,10 @@ _SPLIT_PATTERNS = {  # the pre-tokenizer regexes of Qwen2 and Llama-3
 _BYTE_LEVEL = ("qwen2", "llama3", "smollm")  # GPT-2 byte-level BPE; the others: SentencePiece-like, byte fallback
 _ADDS_BOS = ("llama2", "gemma", "llama3")  # styles whose tokenizer prepends bos on encode
 
-_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # llava-v1.6-mistral's grid, scaled from 336 to 28 px
-_IDEFICS_IMAGE_SIZE = {"idefics3": 56, "smolvlm": 84}  # patch 14, scale factor 2 / 3: (56/14)**2/4 = (84/14)**2/9 = 4
-
+TRL_TEMPLATES = {"llava-next": "llava_next", "qwen2-vl": "qwen2_5_vl", "qwen2.5-vl": "qwen2_5_vl",
+                 "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3", "llama3-text": "llama3_1",
+                 "qwen2.5-text": "qwen2_5"}  # fmt: skip
+"""Family -> name of its template in TRL's `trl/chat_templates/` (the families not named keep theirs here)."""
 
 @dataclass(frozen=True)
 class _Spec:
@@ -146,9 +145,23 @@ _SPECS = {
 }
 
 
-def _check(family: str) -> None:
+def check_family(family: str) -> None:
+    """A ValueError naming the families when `family` is not one of `FAMILIES`."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}, expected one of {FAMILIES}")
+
+
+def template_source(family: str) -> Traversable:
+    """The file of the family's chat template: TRL's `trl/chat_templates/<name>.jinja` where TRL has it, else ours.
+
+    Example:
+        >>> template_source("qwen2-vl").name, template_source("llava-1.5").name
+        ('qwen2_5_vl.jinja', 'llava-1.5.jinja')
+    """
+    check_family(family)
+    if family in TRL_TEMPLATES:
+        return resources.files("trl").joinpath("chat_templates", f"{TRL_TEMPLATES[family]}.jinja")
+    return resources.files(__package__).joinpath("templates", f"{family}.jinja")
 
 
 def chat_template(family: str) -> str:
@@ -158,8 +171,7 @@ def chat_template(family: str) -> str:
         >>> chat_template("gemma3").startswith("{{ bos_token }}")
         True
     """
-    _check(family)
-    return resources.files(__package__).joinpath("templates", f"{family}.jinja").read_text(encoding="utf-8")
+    return template_source(family).read_text(encoding="utf-8")
 
 
 def _pipeline(style: str, tokenizer: Tokenizer, bos: str | None = None) -> None:
@@ -219,7 +231,13 @@ def _tokenizer_json(family: str) -> str:
     return tokenizer.to_str()
 
 
-def _tokenizer(family: str) -> PreTrainedTokenizerFast:
+def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """A fresh tokenizer of `family`: its pipeline, special tokens and chat template, on the trained tiny vocabulary.
+
+    Example:
+        >>> make_tokenizer("qwen2.5-text").eos_token
+        '<|im_end|>'
+    """
     spec = _SPECS[family]
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(family)),
@@ -232,117 +250,11 @@ def _tokenizer(family: str) -> PreTrainedTokenizerFast:
     )
 
 
-def make_processor(family: str):
-    """A fresh processor for `family`: a `ProcessorMixin` for VLMs, a `PreTrainedTokenizerFast` for text-only ones.
+def generation_stops(family: str) -> tuple[str, ...]:
+    """The tokens besides EOS that end a generation of `family` (as in its Hub `generation_config.json`).
 
     Example:
-        >>> processor = make_processor("llava-1.5")
-        >>> processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
-        'USER: Hi '
+        >>> generation_stops("gemma3")
+        ('<end_of_turn>',)
     """
-    _check(family)
-    tokenizer = _tokenizer(family)
-    template = chat_template(family)
-    if family in ("llava-1.5", "llava-next"):
-        kwargs = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        if family == "llava-1.5":
-            image_processor = transformers.CLIPImageProcessorPil(**kwargs)
-            processor_class = transformers.LlavaProcessor
-        else:
-            image_processor = transformers.LlavaNextImageProcessorPil(image_grid_pinpoints=_PINPOINTS, **kwargs)
-            processor_class = transformers.LlavaNextProcessor
-        return processor_class(image_processor, tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=template)  # fmt: skip
-    if family in ("qwen2-vl", "qwen2.5-vl"):
-        pixels = 56 * 56  # min = max pixels: a 2x2 grid of merged 28 px patches, 4 image tokens for a square image
-        image_processor = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels})
-        processor_class = transformers.Qwen2VLProcessor if family == "qwen2-vl" else transformers.Qwen2_5_VLProcessor
-        if is_torchvision_available():
-            video_processor = transformers.Qwen2VLVideoProcessor()
-            return processor_class(image_processor, tokenizer, video_processor, chat_template=template)
-        # Without torchvision, transformers exports no video-processor base class, so the processor's class check of
-        # `video_processor` cannot pass: skip that check and hold a bare `VideoProcessorMixin` (images only).
-        processor = processor_class.__new__(processor_class)
-        processor.check_argument_for_proper_class = lambda *args: None
-        processor.__init__(image_processor, tokenizer, VideoProcessorMixin(), chat_template=template)
-        del processor.check_argument_for_proper_class
-        return processor
-    if family in ("idefics3", "smolvlm"):
-        edge = _IDEFICS_IMAGE_SIZE[family]
-        image_processor = transformers.Idefics3ImageProcessorPil(
-            do_image_splitting=False, size={"longest_edge": edge}, max_image_size={"longest_edge": edge}
-        )
-        return transformers.Idefics3Processor(image_processor, tokenizer, image_seq_len=4, chat_template=template)
-    if family == "gemma3":
-        image_processor = transformers.Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
-        return transformers.Gemma3Processor(image_processor, tokenizer, image_seq_length=4, chat_template=template)
-    return tokenizer
-
-
-def make_model(family: str, processor=None, seed: int = 0):
-    """A tiny random-weight model for `family` whose vocabulary and image-token ids match `processor`.
-
-    Example:
-        >>> from PIL import Image
-        >>> processor = make_processor("gemma3")
-        >>> model = make_model("gemma3", processor)
-        >>> inputs = processor(text="<start_of_image>Hi", images=Image.new("RGB", (32, 32)), return_tensors="pt")
-        >>> model(**inputs).logits.shape[-1] == len(processor.tokenizer)
-        True
-    """
-    _check(family)
-    processor = processor if processor is not None else make_processor(family)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
-    if family in ("llava-1.5", "llava-next"):
-        kwargs = dict(vision_config=transformers.CLIPVisionConfig(image_size=28, projection_dim=32, **vision),
-                      text_config=transformers.LlamaConfig(**text), image_token_index=processor.image_token_id,
-                      image_seq_length=4)  # fmt: skip
-        if family == "llava-1.5":
-            config, model_class = transformers.LlavaConfig(**kwargs), transformers.LlavaForConditionalGeneration
-        else:
-            config = transformers.LlavaNextConfig(image_grid_pinpoints=_PINPOINTS, **kwargs)
-            model_class = transformers.LlavaNextForConditionalGeneration
-    elif family in ("qwen2-vl", "qwen2.5-vl"):
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        token_ids = dict(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
-                         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-                         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))  # fmt: skip
-        if family == "qwen2-vl":
-            vision_config = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
-            config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision_config, **token_ids)
-            model_class = transformers.Qwen2VLForConditionalGeneration
-        else:
-            vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                                 fullatt_block_indexes=[1])  # fmt: skip
-            config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision_config, **token_ids)
-            model_class = transformers.Qwen2_5_VLForConditionalGeneration
-    elif family in ("idefics3", "smolvlm"):
-        config = transformers.Idefics3Config(
-            vision_config=transformers.Idefics3VisionConfig(image_size=_IDEFICS_IMAGE_SIZE[family], **vision),
-            text_config=transformers.LlamaConfig(**text), image_token_id=processor.image_token_id,
-            scale_factor=2 if family == "idefics3" else 3,
-        )  # fmt: skip
-        model_class = transformers.Idefics3ForConditionalGeneration
-    elif family == "gemma3":
-        config = transformers.Gemma3Config(
-            text_config=transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                                                      **text),
-            vision_config=transformers.SiglipVisionConfig(image_size=56, **vision), mm_tokens_per_image=4,
-            boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
-            image_token_index=tokenizer.image_token_id,
-        )  # fmt: skip
-        model_class = transformers.Gemma3ForConditionalGeneration
-    elif family == "llama3-text":
-        config, model_class = transformers.LlamaConfig(**text), transformers.LlamaForCausalLM
-    else:
-        config, model_class = transformers.Qwen2Config(**text), transformers.Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    stops = [ids["eos"]] + [tokenizer.convert_tokens_to_ids(t) for t in _SPECS[family].stops]
-    model.generation_config.update(bos_token_id=ids["bos"], eos_token_id=stops, pad_token_id=ids["pad"])
-    return model
+    return _SPECS[family].stops
