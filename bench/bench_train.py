@@ -282,7 +282,7 @@ def check_equivalence(proc, ds, n: int = 8):
     """One fixed batch: loss and final hidden states, padded (SDPA + mask) vs padding-free (varlen flash / loop),
     in bf16 with the benchmark's model. A deliberately leaky packing (plain causal SDPA over the packed row: rows see
     earlier rows) is the control that shows the check can fail."""
-    from trl_rejection import batching
+    from trl_rejection import attention, packing
     from trl_rejection.collator import RejectionDataCollator
 
     rows = [dict(ds[i]) for i in range(min(n, len(ds)))]
@@ -299,7 +299,7 @@ def check_equivalence(proc, ds, n: int = 8):
         if varlen:
             os.environ["TRL_REJECTION_VARLEN"] = varlen
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch = batching.mrope_packed_inputs(batching.rope_index_module(model), batch)  # Qwen: per-row 3-D RoPE
+        batch = packing.mrope_packed_inputs(packing.rope_index_module(model), batch)  # Qwen: per-row 3-D RoPE
         if not bf16:
             batch["pixel_values"] = batch["pixel_values"].float()
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -309,7 +309,7 @@ def check_equivalence(proc, ds, n: int = 8):
         hidden = hidden[mask.to(dev)] if hidden.shape[0] > 1 else hidden[0]
         return float(out.loss), hidden
 
-    batching.register_varlen_attention()
+    attention.register_varlen_attention()
     ref_loss, ref_h = run(padded, "sdpa")
     result = dict(variant="check", rows=len(rows), real_tokens=int(mask.sum()), padded_tokens=mask.numel(),
                   loss_padded=ref_loss)
