@@ -587,7 +587,7 @@ def test_argparse_option_string_actions_lists_the_flags():
 
 UPSTREAM = ("transformers", "trl", "datasets", "accelerate", "peft", "deepspeed", "evaluate", "huggingface_hub")
 # Uses of upstream internals that have no leading underscore, which the scan below cannot tell from public API
-NAMED = ("log_probs", "get_rope_index", "check_argument_for_proper_class", "variance_epsilon", "__new__",
+NAMED = ("log_probs", "get_rope_index", "check_argument_for_proper_class", "variance_epsilon", "__new__", "ds_numel",
          "update_fsdp_plugin_peft", "unset_hf_deepspeed_config", "disable_input_dtype_casting")
 # Environment variables that are documented public conventions (torchrun / CUDA), not internals
 PUBLIC_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR",
@@ -621,8 +621,10 @@ def scan_internals(source: str, own: set[str]) -> list[tuple[int, str]]:
             found.append((node.lineno, _string(node.args[1])))
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
                 and node.module.split(".")[0] in UPSTREAM and "." in node.module:
-            top = node.module.split(".")[0]
-            package = importlib.import_module(top)
+            try:
+                package = importlib.import_module(node.module.split(".")[0])
+            except ImportError:  # not installed here (DeepSpeed): every name is taken as a deep import
+                package = None
             for alias in node.names:
                 if _private(alias.name) or not hasattr(package, alias.name):
                     found.append((node.lineno, f"{node.module}.{alias.name}"))
