@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "sft_rejection.py")
@@ -23,7 +24,9 @@ def env(tmp_path: Path) -> dict:
 
 
 def launch(tmp_path: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    how = (["--config_file", str(ROOT / "recipes" / "accelerate_configs" / "multi_cpu.yaml")] if processes == 2 else
+    # port 0: a free port, so two suites (the CI's version-matrix legs) can launch side by side
+    how = (["--config_file", str(ROOT / "recipes" / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port",
+            "0"] if processes == 2 else
            ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, RECIPE, *args]
     proc = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -89,6 +92,32 @@ def test_killed_run_resumes_to_the_same_steps_and_data_order(tmp_path):
     full, resumed = order(tmp_path / "full" / "data_order_rank0.jsonl"), order(tmp_path / "killed" /
                                                                              "data_order_rank0.jsonl")[partial:]
     assert resumed[: 60 - done[-1]] == full[done[-1]: 60]
+    # ... and trains as the uninterrupted run did: the same losses and learning rates at every logged step (except
+    # the first log after the resume, which averages fewer steps than the uninterrupted run's), the same Adam state,
+    # learning rate and adapter at the end
+    uninterrupted = json.loads((tmp_path / "full" / "checkpoint-60" / "trainer_state.json").read_text())
+    every = uninterrupted["logging_steps"]
+    logged = {h["step"]: h for h in state["log_history"] if "loss" in h}
+    compared = 0
+    for h in uninterrupted["log_history"]:
+        if "loss" not in h or done[-1] < h["step"] < done[-1] + every:
+            continue
+        for key in ("loss", "loss_refusal", "loss_normal", "learning_rate"):
+            assert logged[h["step"]][key] == pytest.approx(h[key], rel=1e-4, abs=1e-8), (h["step"], key)
+        compared += h["step"] > done[-1]
+    assert compared >= 3
+    from safetensors.torch import load_file
+
+    a, b = (torch.load(tmp_path / run / "checkpoint-60" / "optimizer.pt", weights_only=True) for run in ("full",
+                                                                                                        "killed"))
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for index, sa in a["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa[key], b["state"][index][key], rtol=1e-4, atol=1e-8), (index, key)
+    assert [g["lr"] for g in a["param_groups"]] == pytest.approx([g["lr"] for g in b["param_groups"]])
+    weights = [load_file(tmp_path / run / "checkpoint-60" / "adapter_model.safetensors") for run in ("full", "killed")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 
 
 NODE = """
@@ -221,14 +250,46 @@ def test_push_model_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
 
 
 def test_merge_adapter_saves_a_full_model(tmp_path):
+    """The merged model is the base plus the trained adapter: each LoRA layer's weight is W + (B @ A) * alpha / r with
+    the A and B the run trained (its last checkpoint holds them), the projector is the trained copy, and every other
+    weight is the base's, unchanged."""
+    from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
-    launch(tmp_path, "--output_dir", "merged", "--max_steps", "2", "--merge_adapter", "true", *SMALL)
+    from trl_rejection.testing.tiny import make_model, make_processor
+
+    launch(tmp_path, "--output_dir", "merged", "--max_steps", "2", "--merge_adapter", "true", "--save_strategy",
+           "steps", "--save_steps", "2", *SMALL)
     final = tmp_path / "merged" / "final"
     assert not (final / "adapter_config.json").exists()
     model = LlavaForConditionalGeneration.from_pretrained(final)
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert "base_model: tiny-llava" in (final / "README.md").read_text()
+
+    merged = model.state_dict()
+    base = make_model("llava-1.5", make_processor("llava-1.5")).state_dict()  # the recipe's fixed tiny base
+    checkpoint = tmp_path / "merged" / "checkpoint-2"
+    adapter = load_file(checkpoint / "adapter_model.safetensors")
+    lora = json.loads((checkpoint / "adapter_config.json").read_text())
+    scaling = lora["lora_alpha"] / lora["r"]
+    prefix = "base_model.model."
+    lora_layers = {k[len(prefix):-len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight")}
+    saved = {k[len(prefix):].replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+             for k in adapter if ".modules_to_save." in k or "lora_" not in k}
+    assert lora_layers and any("multi_modal_projector" in k for k in saved), sorted(adapter)[:5]
+    assert set(merged) == set(base)
+    for name, weight in merged.items():
+        layer = name[: -len(".weight")]
+        if layer in lora_layers:
+            a, b = adapter[f"{prefix}{layer}.lora_A.weight"], adapter[f"{prefix}{layer}.lora_B.weight"]
+            assert (b @ a).abs().max() > 0, f"{layer}: the trained adapter is still the identity"
+            assert torch.allclose(weight, base[name] + (b @ a) * scaling, atol=1e-6), name
+        elif name in saved:
+            trained = next(v for k, v in adapter.items() if k[len(prefix):].replace(".modules_to_save.default.", ".")
+                           .replace(".modules_to_save.", ".") == name)
+            assert torch.equal(weight, trained) and not torch.equal(weight, base[name]), name
+        else:
+            assert torch.equal(weight, base[name]), f"{name} changed but is neither LoRA-adapted nor trained"
 
 
 def test_paper_config_trains_a_model_loaded_from_a_local_directory(tmp_path):
