@@ -34,7 +34,7 @@ from trl_rejection.hub import push_dataset, push_model
 from trl_rejection.io import check_work_dir
 from trl_rejection.model_card import model_card
 from trl_rejection.parsing import StrictTrlParser
-from trl_rejection.validation import ConfigError, check_dataclass, check_range, from_mapping
+from trl_rejection.validation import check_dataclass, check_range, from_mapping, json_mapping
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -198,13 +198,7 @@ def lora_config(model_args: ModelConfig):
 
 def mix_config(script_args: ScriptArguments) -> MixConfig:
     """The `mix:` block (or `--mix` JSON) as a checked `MixConfig`, its counts included."""
-    mix = script_args.mix
-    if isinstance(mix, str):
-        try:
-            mix = json.loads(mix)
-        except json.JSONDecodeError as e:
-            raise ConfigError("mix", f"is not a JSON object ({e})", "give the mix fields as a JSON object") from None
-    cfg = from_mapping(MixConfig, mix or {}, "mix")
+    cfg = from_mapping(MixConfig, json_mapping("mix", script_args.mix, "MixConfig fields") or {}, "mix")
     cfg.counts()
     return cfg
 

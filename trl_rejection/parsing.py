@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -31,8 +30,8 @@ from typing import Any, Iterable, Literal, NoReturn, get_origin
 import yaml
 from trl import TrlParser
 
-from .validation import (ConfigError, check_value, coerce_text, describe, from_mapping, non_null, own_fields,
-                         type_hints, unknown_option)
+from .validation import (ConfigError, check_value, coerce_text, describe, from_mapping, json_mapping, non_null,
+                         own_fields, type_hints, unknown_option)
 
 
 def _scalar(hint: Any) -> bool:
@@ -121,14 +120,9 @@ class StrictTrlParser(TrlParser):
     def _nested(self, name: str, value: Any, cls: type) -> dict[str, Any] | None:
         """The block `name` (a mapping, or JSON text from a flag) checked by building `cls` from it; returned as a
         mapping of the given keys to their converted values."""
+        value = json_mapping(name, value, f"{cls.__name__} fields")
         if value is None:
             return None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(name, f"{value!r} is not a JSON object ({e.msg})",
-                                  f"give --{name} a JSON object of {cls.__name__} fields, or a YAML block") from None
         built = from_mapping(cls, value, name)
         return {key: getattr(built, key) for key in value}
 

@@ -16,18 +16,13 @@ import torch
 from torch.utils.data import Sampler
 
 from .processing import tokenizer_of
+from .spans import message_text
 
 logger = logging.getLogger(__name__)
 
 
 def _image_parts(content: Any) -> int:
     return 0 if isinstance(content, str) or content is None else sum(p.get("type") == "image" for p in content)
-
-
-def _text_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    return sum(len(p.get("text") or "") for p in content or () if p.get("type") == "text")
 
 
 def _arrow_stats(dataset: Any) -> tuple[list[int], list[int]] | None:
@@ -76,7 +71,7 @@ def estimate_lengths(dataset: Any, image_tokens: int, chars_per_token: float = 4
         rows = dataset.select_columns(["messages"]) if hasattr(dataset, "select_columns") else dataset
         for row in rows:
             msgs = row["messages"]
-            chars.append(sum(_text_chars(m["content"]) for m in msgs))
+            chars.append(sum(len(message_text(m)) for m in msgs))
             images.append(sum(_image_parts(m["content"]) for m in msgs))
             n_msgs.append(len(msgs))
     lengths = [int(c / chars_per_token) + tokens_per_message * m + image_tokens * i

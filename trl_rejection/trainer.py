@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoConfig, AutoProcessor, ProcessorMixin
+from transformers import AutoConfig, AutoProcessor
 from trl import SFTTrainer
 
 from . import distributed
@@ -35,6 +35,7 @@ from .dataset_checks import check_dataset, drop_empty_images
 from .fused import fuse_elementwise_ops
 from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
+from .processing import is_vlm_processor
 from .sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
 from .split_loss import split_loss_sums
 
@@ -166,7 +167,7 @@ class RejectionSFTTrainer(SFTTrainer):
         check_dataset(train_dataset, "train", args.refusal_sentences)
         for key, ds in evals.items():
             check_dataset(ds, key, args.refusal_sentences)
-        if not isinstance(processing_class, ProcessorMixin):
+        if not is_vlm_processor(processing_class):
             train_dataset = drop_empty_images(train_dataset, "train")
             evals = {k: drop_empty_images(v, k) for k, v in evals.items()}
             if eval_dataset is not None:

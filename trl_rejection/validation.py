@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import shlex
 import types
@@ -205,6 +206,27 @@ def non_negative(value: float) -> bool:
 def non_empty_strings(value: list[str]) -> bool:
     """Every string has a non-blank character (a blank fragment would match every name, a blank reply is no reply)."""
     return all(s.strip() for s in value)
+
+
+def json_mapping(option: str, value: Any, what: str) -> dict[str, Any] | None:
+    """A block given as a YAML mapping or as JSON text on the command line (`--option '{...}'`), as a dict; None if
+    unset. `what` names the expected fields in the fix.
+
+    Example:
+        >>> json_mapping("mix", '{"n_refusal": 2}', "MixConfig fields")
+        {'n_refusal': 2}
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(option, f"{_short(value)} is not a JSON object ({e.msg})",
+                              f"give --{option} a JSON object of {what}, or a YAML block") from None
+    if not isinstance(value, dict):
+        raise ConfigError(option, f"{_short(value)} is not a mapping", f"give {what} as a YAML block or a JSON object")
+    return value
 
 
 def from_mapping(cls: type, values: Any, option: str) -> Any:

@@ -22,7 +22,7 @@ import yaml
 from ..constants import TINY_MODEL
 from ..data import MixConfig
 from ..errors import UserError
-from ..validation import ConfigError, check_dataclass, check_range, from_mapping
+from ..validation import ConfigError, check_dataclass, check_range, from_mapping, json_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,15 +110,7 @@ class SweepConfig:
 
     def block(self, name: str) -> dict[str, Any]:
         """`train`, `eval` or `grid` as a mapping (parsed from JSON when given as a flag)."""
-        value = getattr(self, name)
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(name, f"is not a JSON object ({e.msg})", f"give --{name} a JSON object") from None
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(name, f"{value!r} is not a mapping", f"give {name} as a YAML block or JSON object")
-        return dict(value or {})
+        return dict(json_mapping(name, getattr(self, name), f"{name} settings") or {})
 
 
 @dataclass
