@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+
+from .sampler import LengthSampler
 
 
 def balanced_chunks(block: Sequence[int], lengths: Sequence[int], batch_size: int, chunks: int) -> list[list[int]]:
@@ -26,7 +27,7 @@ def balanced_chunks(block: Sequence[int], lengths: Sequence[int], batch_size: in
     return bins
 
 
-class TokenBalancedSampler(Sampler[int]):
+class TokenBalancedSampler(LengthSampler):
     """A seeded random order of the rows in which each run of `batch_size * chunks` rows (one optimizer step over
     `chunks` = processes x accumulation steps) is arranged as `chunks` token-balanced micro-batches.
 
@@ -44,21 +45,12 @@ class TokenBalancedSampler(Sampler[int]):
     def __init__(self, lengths: Sequence[int], batch_size: int, chunks: int, seed: int = 0):
         if batch_size < 1 or chunks < 1:
             raise ValueError("batch_size and chunks must be >= 1.")
-        self.lengths = list(lengths)
+        super().__init__(lengths, seed)
         self.batch_size = batch_size
         self.chunks = chunks
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        order = torch.randperm(len(self.lengths), generator=self.generator()).tolist()
         step = self.batch_size * self.chunks
         for start in range(0, len(order), step):
             block = order[start:start + step]

@@ -99,7 +99,27 @@ def image_token_count(processing_class: Any, size: int = 336) -> int:
         return 576
 
 
-class ModalityLengthGroupedSampler(Sampler[int]):
+class LengthSampler(Sampler[int]):
+    """Base of the samplers here: one index per row of `lengths`, an order that depends only on `seed` and the
+    epoch (`set_epoch`, called by accelerate's data loader at each epoch)."""
+
+    def __init__(self, lengths: Sequence[int], seed: int = 0):
+        self.lengths = list(lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def generator(self) -> torch.Generator:
+        """A generator seeded by `seed` and the epoch."""
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+
+class ModalityLengthGroupedSampler(LengthSampler):
     """Indices such that each batch holds rows of similar length, image rows and text-only rows apart.
 
     Per modality: shuffle, cut into mega-batches of `mega_batch_mult * batch_size * world_size` rows, sort each by
@@ -117,22 +137,14 @@ class ModalityLengthGroupedSampler(Sampler[int]):
                  mega_batch_mult: int = 50, seed: int = 0):
         if len(lengths) != len(has_image):
             raise ValueError("lengths and has_image must have the same length.")
-        self.lengths = list(lengths)
+        super().__init__(lengths, seed)
         self.has_image = list(has_image)
         self.batch_size = batch_size
         self.world_size = world_size
         self.mega = max(1, mega_batch_mult) * batch_size * world_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
     def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = self.generator()
         full, leftover = [], []
         for modality in (True, False):
             idx = [i for i, m in enumerate(self.has_image) if m == modality]
