@@ -101,22 +101,6 @@ def trainer(llava, tmp_path_factory):
 # TRL
 # --------------------------------------------------------------------------------------------------------------------
 
-def test_trl_sft_trainer_metrics_dict_is_averaged_by_log(trainer):
-    skip_unless_used("._metrics")
-    with contract("trl.SFTTrainer._metrics: {'train'|'eval': defaultdict(list)}, averaged and cleared by "
-                  "SFTTrainer.log",
-                  "trl_rejection/trainer.py RejectionSFTTrainer._log_split_loss (refusal_tokens, normal_tokens)",
-                  "find TRL's new place for per-step metrics (or keep our own dict and add it to `logs` in "
-                  "RejectionSFTTrainer.log), then update _log_split_loss and this test."):
-        assert set(trainer._metrics) >= {"train", "eval"}, f"keys are {sorted(trainer._metrics)}"
-        trainer.model.train()
-        trainer._metrics["train"]["contract_probe"].append(1.0)  # a key never seen: defaultdict(list)
-        trainer._metrics["train"]["contract_probe"].append(3.0)
-        trainer.log({"loss": 0.5})
-        assert trainer.state.log_history[-1]["contract_probe"] == pytest.approx(2.0), trainer.state.log_history[-1]
-        assert "contract_probe" not in trainer._metrics["train"], "SFTTrainer.log no longer clears the metrics"
-
-
 def test_trl_fused_lm_head_outputs_log_probs_of_the_shifted_labels(trainer):
     """SFTTrainer.compute_loss calls the model with TRL's fused LM head: the output RejectionSFTTrainer's forward hook
     captures carries `log_probs` shaped like `labels[:, 1:]`, the log-probability of each next-token label, zero where
@@ -124,8 +108,9 @@ def test_trl_fused_lm_head_outputs_log_probs_of_the_shifted_labels(trainer):
     skip_unless_used('log_probs')
     with contract("trl.SFTTrainer.compute_loss -> model output `.log_probs` (trl.trainer.utils.FusedCausalLMOutput, "
                   "shape labels[:, 1:], zero on ignored labels)",
-                  "trl_rejection/trainer.py RejectionSFTTrainer.compute_loss forward hook and _log_split_loss",
-                  "read the new output field in _log_split_loss (it falls back to `outputs.logits` only when "
+                  "trl_rejection/trainer.py RejectionSFTTrainer.compute_loss (forward hook) and "
+                  "trl_rejection/split_loss.py split_loss_sums",
+                  "read the new output field in split_loss_sums (it falls back to `outputs.logits` only when "
                   "`log_probs` is absent) and keep its shift aligned with the labels."):
         batch = trainer.data_collator([dict(r) for r in rows()])
         batch.pop("is_refusal")
@@ -192,32 +177,6 @@ def test_transformers_trainer_get_train_sampler_is_called_with_the_dataset(tmp_p
         assert type(sampler).__name__ == "ModalityLengthGroupedSampler", type(sampler)
 
 
-def test_transformers_trainer_signature_columns_decide_which_columns_reach_the_collator(tmp_path, llava):
-    with contract("transformers.Trainer._set_signature_columns_if_needed / self._signature_columns "
-                  "(read by Trainer._remove_unused_columns)",
-                  "trl_rejection/trainer.py RejectionSFTTrainer._set_signature_columns_if_needed (keeps messages, "
-                  "images, is_refusal, id for the collator)",
-                  "keep the columns with the new hook, or set remove_unused_columns=False in RejectionSFTConfig and "
-                  "drop unknown columns in the collator."):
-        skip_unless_used("_set_signature_columns_if_needed")
-        model, processor = llava
-        trainer = RejectionSFTTrainer(model, args=make_args(tmp_path), train_dataset=rows().add_column(
-            "unused", ["x"] * 5), processing_class=processor)
-        trainer.args.remove_unused_columns = True  # what Trainer reads; RejectionSFTConfig refuses it up front
-        seen = []
-        collate = trainer.data_collator
-
-        def spy(features):
-            seen.extend(set(f) for f in features)
-            return collate(features)
-
-        trainer.data_collator = spy
-        next(iter(trainer.get_train_dataloader()))
-        assert trainer._signature_columns == ["messages", "images", "image", "is_refusal", "id"], \
-            trainer._signature_columns
-        assert seen and all(keys == {"messages", "images", "is_refusal", "id"} for keys in seen), seen
-
-
 def test_transformers_trainer_calls_update_fsdp_plugin_peft_through_its_module_global():
     skip_unless_used('update_fsdp_plugin_peft')
     import transformers
@@ -225,8 +184,8 @@ def test_transformers_trainer_calls_update_fsdp_plugin_peft_through_its_module_g
 
     with contract("transformers.trainer.update_fsdp_plugin_peft(model, accelerator), looked up as a module global "
                   "of transformers.trainer by Trainer when FSDP wraps a PEFT model",
-                  "trl_rejection/trainer.py RejectionSFTTrainer.train (patched for FSDP2 to keep the block wrap "
-                  "policy)",
+                  "trl_rejection/distributed.py fsdp2_block_policy (patched while Trainer.train prepares an FSDP2 "
+                  "PEFT model, to keep the block wrap policy)",
                   "patch the function where Trainer now looks it up, or drop the patch if accelerate's FSDP2 path "
                   "accepts PEFT's `_or_policy` (check with the FSDP2 GPU test in tests/test_gpu.py)."):
         fn = hf_trainer.update_fsdp_plugin_peft
@@ -261,22 +220,11 @@ def test_transformers_data_collator_mixin_dispatches_to_torch_call():
         assert Probe()([{}, {}]) == {"n": 2}
 
 
-def test_transformers_config_name_or_path_is_the_loaded_folder(tmp_path, llava):
-    skip_unless_used('_name_or_path')
-    with contract("transformers.PretrainedConfig._name_or_path (set by from_pretrained)",
-                  "trl_rejection/trainer.py RejectionSFTTrainer.__init__ (default output_dir name, processor id)",
-                  "use `model.name_or_path` or pass the model id explicitly."):
-        model, _ = llava
-        model.save_pretrained(tmp_path / "m")
-        loaded = type(model).from_pretrained(tmp_path / "m")
-        assert loaded.config._name_or_path == str(tmp_path / "m"), loaded.config._name_or_path
-
-
 def test_transformers_no_split_modules_name_the_blocks(llava):
     skip_unless_used('_no_split_modules')
     with contract("transformers.PreTrainedModel._no_split_modules (class attribute of each model and sub-model)",
-                  "trl_rejection/trainer.py fsdp_layer_classes (the FSDP wrap classes when the accelerate config "
-                  "names none)",
+                  "trl_rejection/distributed.py fsdp_layer_classes (FSDP wrap classes when the accelerate config "
+                  "names none; ZeRO-3 leaf modules)",
                   "read the block classes from the new attribute, or require fsdp_transformer_layer_cls_to_wrap."):
         model, _ = llava
         names = set()
@@ -415,7 +363,7 @@ def test_datasets_fingerprint_identifies_the_saved_data(tmp_path):
     with contract("datasets.Dataset._fingerprint (a str that follows the data: the same after save/load, "
                   "different for different data)",
                   "trl_rejection/data/formats.py (source provenance in the mix card) and "
-                  "trl_rejection/eval/benchmarks.py (image cache folder name)",
+                  "trl_rejection/data/builder.py (state.json of the mix folder)",
                   "hash the data ourselves (e.g. of `cache_files` / the Arrow table) instead."):
         a = datasets.Dataset.from_dict({"x": [1, 2, 3]})
         b = datasets.Dataset.from_dict({"x": [1, 2, 4]})
@@ -530,7 +478,7 @@ def test_peft_fsdp_wrap_policy_reads_fsdp_transformer_cls_to_wrap(monkeypatch, l
 
     with contract("the FSDP_TRANSFORMER_CLS_TO_WRAP environment variable read by peft.utils.other."
                   "fsdp_auto_wrap_policy (the FSDP1 + PEFT wrap policy transformers installs)",
-                  "trl_rejection/trainer.py RejectionSFTTrainer._setup_fsdp_wrapping",
+                  "trl_rejection/distributed.py setup_fsdp_wrapping",
                   "pass the block classes to PEFT's policy the new way (or set the accelerate plugin's policy "
                   "after transformers' update_fsdp_plugin_peft)."):
         model, _ = llava
