@@ -12,22 +12,19 @@ prepared mix. With no `--config`, `recipes/configs/tiny.yaml` runs: a tiny rando
 on CPU, in about a minute.
 """
 
-import contextlib
-import json
-import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import TrainerCallback
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
+from trl_rejection.callbacks import RecordingCollator, StepMetrics
 from trl_rejection.constants import TINY_MODEL
 from trl_rejection.data import MixConfig, build_mix
 from trl_rejection.data.formats import load_dataset_location
+from trl_rejection.distributed import build_once, full_model_on_main, sharded_backend, without_zero3
 from trl_rejection.errors import UserError, user_errors
 from trl_rejection.extras import check_extras
 from trl_rejection.hub import push_dataset, push_model
@@ -66,93 +63,6 @@ class ScriptArguments:
     def __post_init__(self) -> None:
         check_dataclass(self)
         check_range(self, "eval_max_new_tokens", lambda v: v >= 1, "a number of tokens >= 1")
-
-
-class RecordingCollator:
-    """Wraps a collator and appends each batch's row ids to a file (debugging data order and sharding)."""
-
-    def __init__(self, collator, path: Path):
-        self.collator, self.path = collator, path
-
-    def __call__(self, examples):
-        with open(self.path, "a") as f:
-            f.write(json.dumps([ex.get("id") for ex in examples]) + "\n")
-        return self.collator(examples)
-
-
-class StepMetrics(TrainerCallback):
-    """Trainer callback behind `--metrics_file`: per logged step, what a throughput or scaling table needs.
-
-    `time_s` is taken at the end of each optimizer step after a device sync; `tokens_seen` is the trainer's
-    `num_input_tokens_seen` (non-padding tokens of every process); `peak_gib` the peak allocated GPU memory of each
-    process so far (gathered from all processes at every step end)."""
-
-    def __init__(self, path: Path):
-        self.path, self.trainer, self.t0, self.steps = path, None, None, {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        import torch
-
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        peaks = [peak]
-        if self.trainer is not None and self.trainer.accelerator.num_processes > 1:
-            peaks = self.trainer.accelerator.gather(torch.tensor([peak], device=args.device)).tolist()
-        self.steps[state.global_step] = dict(time_s=time.perf_counter() - self.t0,
-                                             tokens_seen=int(state.num_input_tokens_seen),
-                                             peak_gib=[round(x, 3) for x in peaks])
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        record = {"step": state.global_step, **{k: logs[k] for k in ("loss", "loss_refusal", "loss_normal",
-                                                                     "grad_norm", "learning_rate") if k in logs},
-                  "world_size": args.world_size, **self.steps.get(state.global_step, {})}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def sharded_backend() -> str | None:
-    """"zero3" or "fsdp" when this process trains with sharded parameters (set by `accelerate launch`), else None."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        return "zero3"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
-        return "fsdp"
-    return None
-
-
-@contextlib.contextmanager
-def without_zero3():
-    """Build or load a model in full on this process alone, not partitioned by DeepSpeed's `zero.Init` (which
-    needs every process, and which fails for models built in code: `init.zeros_(weight[padding_idx])` on an empty
-    partitioned weight)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)  # transformers' FSDP loading puts non-rank-0 weights on meta
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = ref
-        if fsdp is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = fsdp
-
-
-@contextlib.contextmanager
-def build_once(training_args: RejectionSFTConfig, how: str, desc: str):
-    """Yields True on the one process (per node with `how="per_node"`) that must build something all processes
-    then read; the others wait at a barrier until it is written (`main_process_first`, global or per node)."""
-    local = how == "per_node"
-    with training_args.main_process_first(local=local, desc=desc):
-        index = training_args.local_process_index if local else training_args.process_index
-        yield index == 0
 
 
 def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig, mix_build: str = "once"):
@@ -203,18 +113,20 @@ def mix_config(script_args: ScriptArguments) -> MixConfig:
     return cfg
 
 
-def check_run_paths(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_args: ModelConfig) -> None:
+def check_run_paths(script_args: ScriptArguments, training_args: RejectionSFTConfig,
+                    model_args: ModelConfig) -> MixConfig | None:
     """Before any model is built: the output folder is one the recipe may write into (see `check_work_dir`), and the
-    mix block is complete and well typed."""
+    mix block is complete and well typed. Returns the checked mix block (None with `--dataset_path`)."""
     inputs = [script_args.dataset_path, model_args.model_name_or_path]
-    if not script_args.dataset_path:
-        cfg = mix_config(script_args)
+    cfg = None if script_args.dataset_path else mix_config(script_args)
+    if cfg is not None:
         inputs += [cfg.refusal_source, cfg.normal_source, cfg.refusal_image_root, cfg.normal_image_root]
     check_work_dir(training_args.output_dir, inputs=inputs, what="training run")
+    return cfg
 
 
-def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
-    """The prepared dataset, or the mix built where `mix_build` says (once, or once per node); every other process
+def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig, cfg: MixConfig | None):
+    """The prepared dataset, or the mix of `cfg` built where `mix_build` says (once, or once per node); every other process
     waits at a barrier until it is written (the builder writes to a temporary folder and renames it), then reads it.
     """
     import datasets
@@ -222,7 +134,6 @@ def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
     if script_args.dataset_path:
         return load_dataset_location(script_args.dataset_path, file_fix="build a mix from it first (`trl-rejection "
                                      "mix`, or the `mix:` block) and pass its folder"), script_args.dataset_path
-    cfg = mix_config(script_args)
     mix_dir = Path(training_args.output_dir) / "mix"
     with build_once(training_args, script_args.mix_build, "building the mix") as builder:
         if builder:
@@ -233,23 +144,6 @@ def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig):
                 "Fix: put `output_dir` on a disk every node shares, or pass `--mix_build per_node` so that each "
                 "node builds its own copy, or build it beforehand (`trl-rejection mix`) and pass `--dataset_path`.")
         return datasets.load_from_disk(str(mix_dir)), str(mix_dir)
-
-
-def full_model_on_main(trainer, base, adapter_dir: Path, dtype):
-    """Main process only: the base checkpoint loaded whole on the CPU, with the trained adapter merged in.
-
-    Under ZeRO-3 or FSDP no process holds the whole trained model, so `merge_and_unload` on the wrapped model
-    would merge into shards; the adapter saved by the trainer (which gathers it) is merged into a fresh copy of
-    the base instead."""
-    import torch
-    from peft import PeftModel
-
-    base_class = type(trainer.accelerator.unwrap_model(trainer.model).get_base_model())
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    with without_zero3():
-        model = base_class.from_pretrained(base, dtype=dtype)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def evaluate_bundled(trainer, processor, output_dir: Path, max_new_tokens: int) -> str:
@@ -272,9 +166,9 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     training_args.push_to_hub = False  # push once at the end, with this project's model card
     if script_args.metrics_file and training_args.include_num_input_tokens_seen in ("no", False, None):
         training_args.include_num_input_tokens_seen = "non_padding"
-    check_run_paths(script_args, training_args, model_args)
+    mix = check_run_paths(script_args, training_args, model_args)
     model, processor = load_model(model_args, training_args, script_args.mix_build)
-    dataset, mix_location = load_mix(script_args, training_args)
+    dataset, mix_location = load_mix(script_args, training_args, mix)
     peft_config = lora_config(model_args)
     metrics = StepMetrics(Path(script_args.metrics_file)) if script_args.metrics_file else None
     trainer = RejectionSFTTrainer(model, args=training_args, train_dataset=dataset, processing_class=processor,
@@ -313,12 +207,8 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
             else type(trainer.accelerator.unwrap_model(trainer.model)).from_pretrained(final)
     if full_model is not None:  # generation needs the whole model on one process, not shards
         trainer.model = full_model.to(trainer.args.device)
-    results = None
-    if script_args.eval_bundled:
-        # The other processes have returned: under ZeRO-3, `generate` would sync every step with them (its
-        # `synced_gpus` default) and wait forever. The whole model is on this process, so generate alone.
-        with without_zero3() if sharded else contextlib.nullcontext():
-            results = evaluate_bundled(trainer, processor, output_dir, script_args.eval_max_new_tokens)
+    results = evaluate_bundled(trainer, processor, output_dir, script_args.eval_max_new_tokens) \
+        if script_args.eval_bundled else None
     base = model_args.model_name_or_path or TINY_MODEL
     (final / "README.md").write_text(model_card(base, mix_location, training_args, model_args, results))
     if push_model_to:

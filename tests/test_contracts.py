@@ -33,6 +33,7 @@ from PIL import Image
 from trl_rejection.testing.tiny import make_model, make_processor
 
 from trl_rejection.config import RejectionSFTConfig
+from trl_rejection.distributed import sharded_backend, without_zero3
 from trl_rejection.trainer import RejectionSFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,15 +408,8 @@ def test_datasets_hand_written_state_json_loads_like_save_to_disk(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# DeepSpeed / FSDP integration (recipes/sft_rejection.py, trainer.py)
+# DeepSpeed / FSDP integration (trl_rejection/distributed.py)
 # --------------------------------------------------------------------------------------------------------------------
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("sft_rejection_contract", ROOT / "recipes" / "sft_rejection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_transformers_deepspeed_weak_ref_is_what_zero3_checks_read(monkeypatch):
     skip_unless_used('_hf_deepspeed_config_weak_ref')
@@ -432,14 +426,15 @@ def test_transformers_deepspeed_weak_ref_is_what_zero3_checks_read(monkeypatch):
     with contract("transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref (module global) and "
                   "unset_hf_deepspeed_config(), read by is_deepspeed_zero3_enabled() where from_pretrained / "
                   "model construction decide on zero.Init",
-                  "recipes/sft_rejection.py without_zero3 (build the tiny model whole on one process under ZeRO-3)",
+                  "trl_rejection/distributed.py without_zero3 (a whole model on one process under ZeRO-3: the tiny model's "
+                  "init, the merge, the bundled evaluation)",
                   "use transformers' new way to build a model outside zero.Init (e.g. a context manager), or save "
                   "and restore whatever global is_deepspeed_zero3_enabled now reads."):
         assert hasattr(hf_ds, "_hf_deepspeed_config_weak_ref") and callable(hf_ds.unset_hf_deepspeed_config)
         fake = FakeZero3Config()
         monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", weakref.ref(fake))
         assert modeling_utils.is_deepspeed_zero3_enabled(), "is_deepspeed_zero3_enabled ignores the weak ref"
-        with _recipe().without_zero3():
+        with without_zero3():
             assert not modeling_utils.is_deepspeed_zero3_enabled(), "unset_hf_deepspeed_config did not turn it off"
         assert modeling_utils.is_deepspeed_zero3_enabled(), "restoring the weak ref did not turn it back on"
 
@@ -451,7 +446,7 @@ def test_accelerate_use_fsdp_env_var_is_what_transformers_loading_reads(monkeypa
 
     with contract("the ACCELERATE_USE_FSDP environment variable: set by `accelerate launch` for FSDP and read by "
                   "transformers' is_fsdp_enabled() (rank>0 processes then load weights on the meta device)",
-                  "recipes/sft_rejection.py sharded_backend and without_zero3",
+                  "trl_rejection/distributed.py sharded_backend and without_zero3",
                   "read the FSDP state from accelerate's PartialState / the TrainingArguments instead, and find "
                   "transformers' new switch for rank-0-only loading."):
         assert "ACCELERATE_USE_FSDP" in inspect.getsource(launch), "accelerate launch no longer sets it"
@@ -465,9 +460,8 @@ def test_accelerate_use_fsdp_env_var_is_what_transformers_loading_reads(monkeypa
             monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
         monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-        recipe = _recipe()
-        assert is_fsdp_enabled() and recipe.sharded_backend() == "fsdp"
-        with recipe.without_zero3():
+        assert is_fsdp_enabled() and sharded_backend() == "fsdp"
+        with without_zero3():
             assert not is_fsdp_enabled(), "is_fsdp_enabled no longer follows ACCELERATE_USE_FSDP"
         assert is_fsdp_enabled()
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
-from pathlib import Path
 from types import SimpleNamespace
 
-from trl_rejection.distributed import ZERO3_DEFAULTS, fsdp_layer_classes, setup_zero3
+from trl_rejection.distributed import ZERO3_DEFAULTS, fsdp_layer_classes, setup_zero3, sharded_backend, without_zero3
 from trl_rejection.testing.tiny import make_model, make_processor
 
 
@@ -56,11 +54,6 @@ def test_without_zero3_lets_one_process_generate_alone(monkeypatch):
     from transformers.integrations import deepspeed as hf_ds
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    spec = importlib.util.spec_from_file_location(
-        "sft_recipe", Path(__file__).resolve().parents[1] / "recipes" / "sft_rejection.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-
     class FakeZero3:
         def is_zero3(self) -> bool:
             return True
@@ -68,9 +61,38 @@ def test_without_zero3_lets_one_process_generate_alone(monkeypatch):
     config = FakeZero3()
     monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", lambda: config)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert is_deepspeed_zero3_enabled()
-    with recipe.without_zero3():
-        assert not is_deepspeed_zero3_enabled()
+    assert is_deepspeed_zero3_enabled() and sharded_backend() == "zero3"
+    with without_zero3():
+        assert not is_deepspeed_zero3_enabled() and sharded_backend() is None
         assert "ACCELERATE_USE_FSDP" not in os.environ
     assert is_deepspeed_zero3_enabled()
     assert os.environ["ACCELERATE_USE_FSDP"] == "true"
+
+
+def test_generation_never_waits_for_other_processes(monkeypatch):
+    """The hang seen on 2 GPUs: after a ZeRO-3 run the main process generated alone while `generate` (whose
+    `synced_gpus` defaults to on while ZeRO-3 is configured) waited every step for processes that had returned."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    from trl_rejection.generation import greedy_generate
+
+    class FakeZero3:
+        def is_zero3(self) -> bool:
+            return True
+
+    processor = make_processor("llava-1.5")
+    model = make_model("llava-1.5", processor)
+    seen = {}
+    original = model.generate
+
+    def generate(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", lambda: FakeZero3())
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                         add_generation_prompt=True)
+    out = greedy_generate(model, processor, [text], max_new_tokens=2)
+    assert seen["synced_gpus"] is False and len(out) == 1
+

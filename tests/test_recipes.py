@@ -156,7 +156,7 @@ recipe.build_mix, datasets.load_from_disk = slow_build, load
 args = RejectionSFTConfig(os.environ["OUTPUT_DIR"], use_cpu=True, report_to="none")
 script = recipe.ScriptArguments(mix=json.dumps({"n_refusal": 8, "n_normal": 24}), mix_build=sys.argv[3])
 try:
-    ds, where = recipe.load_mix(script, args)
+    ds, where = recipe.load_mix(script, args, recipe.mix_config(script))
     note("loaded", rows=len(ds), ids=list(ds["id"]), local=args.local_process_index, index=args.process_index)
 except UserError as e:
     note("missing", error=str(e))

@@ -1,5 +1,6 @@
-"""Sharded training set-up for `RejectionSFTTrainer`: which blocks FSDP shards one by one, and ZeRO-3's
-fetch granularity. Both act only when `accelerate launch` selected that backend."""
+"""Sharded training: which blocks FSDP shards one by one and ZeRO-3's fetch granularity (set up by
+`RejectionSFTTrainer`), and the steps around a sharded run that need one process to hold a whole model (building the
+tiny model, merging the adapter, generating), or one process to build what all read (the mix)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,3 +127,58 @@ def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = T
         applied["leaf_modules"] = names
     logger.info("ZeRO-3 settings: %s", applied)
     return applied
+
+
+def sharded_backend() -> str | None:
+    """"zero3" or "fsdp" when this process trains with sharded parameters (set by `accelerate launch`), else None."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return "zero3"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        return "fsdp"
+    return None
+
+
+@contextlib.contextmanager
+def without_zero3() -> Iterator[None]:
+    """Build or load a model in full on this process alone, not partitioned by DeepSpeed's `zero.Init` (which
+    needs every process, and which fails for models built in code: `init.zeros_(weight[padding_idx])` on an empty
+    partitioned weight)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)  # transformers' FSDP loading puts non-rank-0 weights on meta
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+        if fsdp is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = fsdp
+
+
+@contextlib.contextmanager
+def build_once(training_args: Any, how: str, desc: str) -> Iterator[bool]:
+    """Yields True on the one process (per node with `how="per_node"`) that must build something all processes
+    then read; the others wait at a barrier until it is written (`main_process_first`, global or per node)."""
+    local = how == "per_node"
+    with training_args.main_process_first(local=local, desc=desc):
+        index = training_args.local_process_index if local else training_args.process_index
+        yield index == 0
+
+
+def full_model_on_main(trainer: Any, base: str, adapter_dir: Path, dtype: Any) -> torch.nn.Module:
+    """Main process only: the base checkpoint loaded whole on the CPU, with the trained adapter merged in.
+
+    Under ZeRO-3 or FSDP no process holds the whole trained model, so `merge_and_unload` on the wrapped model
+    would merge into shards; the adapter saved by the trainer (which gathers it) is merged into a fresh copy of
+    the base instead."""
+    from peft import PeftModel
+
+    base_class = type(trainer.accelerator.unwrap_model(trainer.model).get_base_model())
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    with without_zero3():
+        model = base_class.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

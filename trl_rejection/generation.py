@@ -80,6 +80,9 @@ def greedy_generate(model: Any, processing_class: Any, texts: Sequence[str],
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     with torch.no_grad():
+        # Each process generates its own prompts to the end, never in lockstep with others: `synced_gpus` defaults
+        # to on while DeepSpeed ZeRO-3 is configured, and would wait forever for processes that are not generating
+        # (the training recipe evaluates on the main process alone after a ZeRO-3 run).
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, synced_gpus=False)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
