@@ -297,6 +297,7 @@ def test_sample_data_is_deterministic(tmp_path):
 def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_factory):
     """Records split across read chunks (and multi-byte characters split across them) parse exactly."""
     from trl_rejection.data import formats, jsonscan
+    from trl_rejection.data.records import _split_placeholders
 
     records = [{"id": f"u{i}", "conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": t + "!"}]}
                for i, t in enumerate(texts)]
@@ -309,11 +310,12 @@ def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_fa
         src = formats.open_json_source(path, validate="all")
     assert src.ids == [r["id"] for r in records]
     got = list(src.records(range(len(records))))
-    assert [g["turns"][1][1] for g in got] == [formats._split_placeholders(t + "!")[0] for t in texts]
+    assert [g["turns"][1][1] for g in got] == [_split_placeholders(t + "!")[0] for t in texts]
 
 
 def test_malformed_record_mid_file_is_found_across_chunks(monkeypatch, tmp_path):
     from trl_rejection.data import formats, jsonscan
+    from trl_rejection.data.records import _split_placeholders
 
     monkeypatch.setattr(jsonscan, "_CHUNK_BYTES", 50)
     good = [json.dumps(_llava(i, "c", image=False)) for i in range(6)]

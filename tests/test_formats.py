@@ -19,7 +19,7 @@ from PIL import Image
 
 from trl_rejection.data import MixConfig, MixDataError, build_mix, open_source
 from trl_rejection.data import formats, jsonscan
-from trl_rejection.data.formats import normalize_record, record_id
+from trl_rejection.data.records import normalize_record, record_id
 from trl_rejection.errors import UserError
 
 R = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]})

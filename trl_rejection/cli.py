@@ -16,7 +16,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from .data.mix import MixConfig
+from .data.config import MixConfig
 from .errors import DEBUG_ENV, user_errors
 from .io import terminate_as_interrupt
 

@@ -26,7 +26,8 @@ from ..io import atomic_write_text, check_output_dir, replace_dir, safe_name, sa
 from ..spans import message_text
 from .card import dataset_card
 from .formats import MixDataError, open_source
-from .mix import ImageRef, MixConfig, MixPlan, RowParts, iter_all_images, iter_row_parts, plan_mix, verify_images
+from .config import MixConfig
+from .mix import ImageRef, MixPlan, RowParts, iter_all_images, iter_row_parts, plan_mix, verify_images
 
 _BATCH_ROWS = 10_000
 MIX_MARKER = "mix_config.json"  # every mix folder holds it; --overwrite replaces only folders that do
