@@ -42,21 +42,21 @@ def logged_losses(output_dir: Path) -> dict[int, float]:
 def test_varlen_flash_kernel_takes_fp32_query_key_under_bf16_autocast():
     """fp32 weights + bf16 autocast (TRL's default dtype with `--bf16`): q/k reach attention in fp32 (RoPE), v in
     bf16. The kernel itself refuses fp32; `sdpa_varlen` casts to the autocast dtype and matches per-row SDPA."""
-    from trl_rejection import attention as batching
+    from trl_rejection import attention
 
-    assert batching._VARLEN_ATTN is not None and batching.varlen_backend(torch.device("cuda")) == "flash"
+    assert attention._VARLEN_ATTN is not None and attention.varlen_backend(torch.device("cuda")) == "flash"
     torch.manual_seed(0)
     lens = [37, 5, 120, 64]
     cu = torch.tensor([0, *lens], device="cuda").cumsum(0).to(torch.int32)
     q, k = (torch.randn(1, 8, sum(lens), 64, device="cuda") for _ in range(2))
     v = torch.randn(1, 8, sum(lens), 64, device="cuda").bfloat16()
     with pytest.raises(RuntimeError, match="fp16 and bf16"):
-        batching._VARLEN_ATTN(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
+        attention._VARLEN_ATTN(q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous(),
                               v[0].transpose(0, 1).float().contiguous(), cu, cu, 120, 120)
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 1, True
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out, _ = batching.varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=120)
+        out, _ = attention.varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=120)
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         q[:, :, s:e].double(), k[:, :, s:e].double(), v[:, :, s:e].double(), is_causal=True)
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], 2).transpose(1, 2)
@@ -67,7 +67,7 @@ def test_varlen_flash_kernel_takes_fp32_query_key_under_bf16_autocast():
 def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
     """The recipe's default model (fp32 weights) under bf16 autocast: the packed batch (varlen flash kernel) gives
     the padded batch's loss within the bf16 noise floor (padded bf16 vs padded fp32), and a leaky packing does not."""
-    from trl_rejection import attention as batching
+    from trl_rejection import attention
     from trl_rejection.collator import RejectionDataCollator
     from trl_rejection.testing.tiny import make_model, make_processor
     sys.path.insert(0, str(Path(__file__).parent))
@@ -81,7 +81,7 @@ def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
         batch.pop("is_refusal")
     model = make_model("llava-1.5", proc).cuda().float()
     assert next(model.parameters()).dtype == torch.float32
-    batching.register_varlen_attention()
+    attention.register_varlen_attention()
 
     def loss(batch, attn, bf16=True):
         model.config.get_text_config()._attn_implementation = attn
@@ -99,7 +99,7 @@ def test_padded_and_packed_batches_agree_in_bf16_with_fp32_weights():
 
 
 def test_fused_elementwise_ops_match_eager_on_gpu():
-    from trl_rejection import fused as batching
+    from trl_rejection import fused
     from trl_rejection.testing.tiny import make_model, make_processor
 
     tok = make_processor("llama3-text")
@@ -108,7 +108,7 @@ def test_fused_elementwise_ops_match_eager_on_gpu():
     model = make_model("llama3-text", tok).cuda().bfloat16()
     with torch.no_grad():
         eager = model(input_ids=ids).logits.float()
-        assert batching.fuse_elementwise_ops(model) > 0
+        assert fused.fuse_elementwise_ops(model) > 0
         fused = model(input_ids=ids).logits.float()
     assert float((fused - eager).norm() / eager.norm()) < 1e-2
 
