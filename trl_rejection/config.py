@@ -73,6 +73,10 @@ class RejectionSFTConfig(SFTConfig):
         dataloader_num_workers (`int`, *optional*, defaults to `4`):
             Dataloader worker processes that collate batches (render, tokenize, process images) while the GPU
             trains. At 0 the image processing runs between steps on the training process.
+        data_wait_warning (`float`, *optional*, defaults to `0.1`):
+            Warn once when, over the steps since the last log, training spent more than this fraction of its wall time
+            waiting for the dataloader (measured from the fourth optimizer step on; on GPUs and other accelerators, not
+            on CPU). The measured fraction is logged as `data_wait_fraction` whatever this is. If `None`, no warning.
 
         > Parameters that control the throughput
 
@@ -161,6 +165,12 @@ class RejectionSFTConfig(SFTConfig):
         "help": "Dataloader worker processes that collate batches (render, tokenize, process images) while the GPU "
         "trains. At 0 the image processing runs between steps on the training process."})
 
+    data_wait_warning: float | None = field(default=0.1, metadata={
+        "help": "Warn once when, over the steps since the last log, training spent more than this fraction of its wall "
+        "time waiting for the dataloader (measured from the fourth optimizer step on; on GPUs and other "
+        "accelerators, not on CPU). The measured fraction is logged as `data_wait_fraction` whatever this is. If "
+        "`None`, no warning."})
+
     # Parameters that control the throughput
     padding_free: bool = field(default=True, metadata={
         "help": "Concatenate each batch's rows into one sequence without padding. Unlike TRL's option of this name "
@@ -205,6 +215,8 @@ class RejectionSFTConfig(SFTConfig):
         check_range(self, "learning_rate", non_negative, "a finite learning rate >= 0", "give e.g. 2.0e-4")
         check_range(self, "warmup_steps", non_negative, "a step count or fraction >= 0", "give e.g. 0.03")
         check_range(self, "num_train_epochs", non_negative, "a number of epochs >= 0", "give e.g. 3")
+        check_range(self, "data_wait_warning", lambda v: 0 < v < 1, "a fraction of the training time between 0 and "
+                    "1", "give e.g. 0.1, or null for no warning")
         check_range(self, "dataloader_num_workers", lambda v: v >= 0, "a number of processes >= 0", "give e.g. 4")
         check_range(self, "remove_unused_columns", lambda v: not v, "False (the collator reads the `messages`, "
                     "`images` and `is_refusal` columns, which the model's forward does not take)",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from .attention import use_varlen_attention
 from .balance import TokenBalancedSampler
 from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
+from .data_wait import DataWaitMeter
 from .dataset_checks import check_dataset, drop_empty_images
 from .fused import fuse_elementwise_ops
 from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
@@ -201,6 +203,8 @@ class RejectionSFTTrainer(SFTTrainer):
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             fuse_elementwise_ops(self.model)
+        self._data_wait = DataWaitMeter(args.data_wait_warning, on_accelerator=self.args.device.type != "cpu",
+                                        workers=args.dataloader_num_workers)
 
     def train(self, *args, **kwargs):
         with distributed.fsdp2_block_policy(self.accelerator):
@@ -279,8 +283,19 @@ class RejectionSFTTrainer(SFTTrainer):
         for i, x in enumerate((*gathered, 1)):
             sums[i] += x
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        start = time.perf_counter()
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._data_wait.record(start, time.perf_counter())
+        return batches
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        measured = self._data_wait.pop() if mode == "train" and "loss" in logs else None
+        if measured is not None:
+            logs["data_wait_fraction"] = round(measured.fraction, 4)
+            if warning := self._data_wait.warning(measured):
+                logger.warning(warning)
         sums = self._split_sums.pop(mode, None)
         if sums is not None:
             prefix = "eval_" if mode == "eval" else ""
