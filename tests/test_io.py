@@ -301,6 +301,29 @@ def test_stale_temp_folders_are_removed_only_when_provably_ours(tmp_path):
     assert ours_alive.exists() and (lookalike / "keep.txt").exists() and other_target.exists()
 
 
+def test_a_staging_folder_killed_before_its_owner_file_is_removed_only_if_empty_and_dead(tmp_path):
+    """A SIGKILL between creating the staging folder and writing its owner file (seen in CI): the folder's name says
+    which process of which host made it; it goes once that process is gone and nothing but a partial owner file is
+    inside. A live process's folder, another host's, a non-empty one and a look-alike name stay."""
+    from trl_rejection.io import _staging_prefix
+
+    target = (tmp_path / "mix").resolve()
+    dead = 2 ** 22 + 7
+    empty_dead = tmp_path / (_staging_prefix(target, dead) + "a1")
+    partial_dead = tmp_path / (_staging_prefix(target, dead) + "b2")
+    empty_alive = tmp_path / (_staging_prefix(target, os.getpid()) + "c3")
+    full_dead = tmp_path / (_staging_prefix(target, dead) + "d4")
+    other_host = tmp_path / f".mix.trl-rejection-{dead}-00000000-e5"
+    lookalike = tmp_path / f".mix.trl-rejection-{dead}-user"
+    for folder in (empty_dead, partial_dead, empty_alive, full_dead, other_host, lookalike):
+        folder.mkdir()
+    (partial_dead / ".trl_rejection_tmp.json").write_text('{"tool": "trl-rej')
+    (full_dead / "data.arrow").write_text("x")
+    assert sorted(clean_stale(target)) == sorted([empty_dead.resolve(), partial_dead.resolve()])
+    assert all(f.exists() for f in (empty_alive, full_dead, other_host, lookalike))
+    assert not empty_dead.exists() and not partial_dead.exists()
+
+
 # --- kills at several points of a large build and of an overwrite ---------------------------------------------------
 
 _BUILD = """

@@ -118,12 +118,31 @@ def _ours(folder: Path, target: Path) -> dict | None:
         else None
 
 
+def _staging_prefix(target: Path, pid: int | None = None) -> str:
+    """Name prefix of a staging folder for `target`: it carries the creating process and host, so a folder whose
+    owner file a kill prevented (or cut short) is still known as that process's."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{target.name}.{_TAG}-{os.getpid() if pid is None else pid}-{host}-"
+
+
+def _unmarked_and_dead(folder: Path, target: Path) -> bool:
+    """A staging folder of a process of this host that no longer runs, killed before its owner file was complete:
+    named by `_staging_prefix`, holding nothing but (at most) that partial file."""
+    match = re.fullmatch(re.escape(f".{target.name}.{_TAG}-") + r"(\d+)-([0-9a-f]{8})-[^/]+", folder.name)
+    if match is None or not folder.name.startswith(_staging_prefix(target, int(match.group(1)))):
+        return False  # not ours by name, or made on another host
+    if pid_alive(int(match.group(1))):
+        return False
+    return {p.name for p in folder.iterdir()} <= {_OWNER_FILE}
+
+
 def clean_stale(target: str | os.PathLike) -> list[Path]:
     """Remove temporary folders that earlier, killed runs left beside `target`; return what was removed.
 
     Only hidden folders named for `target` whose owner file says they are ours, for this `target`, made by a
-    process (on this host) that no longer runs, are removed. A folder set aside during an interrupted swap is
-    moved back to `target` when `target` is missing.
+    process (on this host) that no longer runs, are removed, and staging folders of such a process killed before
+    its owner file was written (nothing else inside). A folder set aside during an interrupted swap is moved back to
+    `target` when `target` is missing.
     """
     target = real(target)
     removed = []
@@ -131,6 +150,10 @@ def clean_stale(target: str | os.PathLike) -> list[Path]:
         return removed
     for folder in sorted(target.parent.glob(f".{target.name}.{_TAG}-*")):
         owner = _ours(folder, target)
+        if owner is None and _unmarked_and_dead(folder, target):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            continue
         if owner is None or (owner.get("host") == socket.gethostname() and pid_alive(int(owner.get("pid", 0)))):
             continue
         if owner.get("role") == "previous" and not target.exists():
@@ -153,7 +176,7 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = real(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_TAG}-", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     try:
         _mark(work, target, "staging")
         yield work
