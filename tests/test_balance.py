@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from trl_rejection.balance import TokenBalancedSampler, balanced_chunks
 from trl_rejection.config import RejectionSFTConfig
+from trl_rejection.sampler import ModalityLengthGroupedSampler
 from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
 from test_trainer import mix
@@ -59,12 +60,12 @@ def test_sampler_keeps_each_steps_rows_and_is_seeded():
     assert list(sampler) != order
 
 
-def _sampler(tmp_path, **kw):
+def _sampler(tmp_path, data=None, **kw):
     proc = make_processor("llava-1.5")
     args = RejectionSFTConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", max_steps=1,
                               dataloader_num_workers=0, per_device_train_batch_size=2, **kw)
-    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=mix(6, 2),
-                                  processing_class=proc)
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args,
+                                  train_dataset=mix(6, 2) if data is None else data, processing_class=proc)
     return trainer, trainer._get_train_sampler()
 
 
@@ -76,3 +77,14 @@ def test_trainer_balances_micro_batches_only_where_it_can_matter(tmp_path):
     for kw in (dict(gradient_accumulation_steps=1), dict(gradient_accumulation_steps=2, balance_micro_batches=False),
                dict(gradient_accumulation_steps=2, padding_free=False)):
         assert not isinstance(_sampler(tmp_path, **kw)[1], TokenBalancedSampler), kw
+
+
+def test_a_length_column_is_what_both_samplers_order_by(tmp_path):
+    lengths = [5, 900, 7, 800, 6, 700, 8, 600]
+    data = mix(6, 2).add_column("length", lengths)
+    _, balanced = _sampler(tmp_path, data, gradient_accumulation_steps=2)
+    _, grouped = _sampler(tmp_path, data, train_sampling_strategy="group_by_length")
+    assert isinstance(balanced, TokenBalancedSampler) and balanced.lengths == lengths
+    assert isinstance(grouped, ModalityLengthGroupedSampler) and grouped.lengths == lengths
+    assert grouped.has_image == [True] * 8  # the modality split still read from the messages
+

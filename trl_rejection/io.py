@@ -118,21 +118,22 @@ def _ours(folder: Path, target: Path) -> dict | None:
         else None
 
 
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _staging_prefix(target: Path, pid: int | None = None) -> str:
     """Name prefix of a staging folder for `target`: it carries the creating process and host, so a folder whose
     owner file a kill prevented (or cut short) is still known as that process's."""
-    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-    return f".{target.name}.{_TAG}-{os.getpid() if pid is None else pid}-{host}-"
+    return f".{target.name}.{_TAG}-{os.getpid() if pid is None else pid}-{_host_tag()}-"
 
 
 def _unmarked_and_dead(folder: Path, target: Path) -> bool:
     """A staging folder of a process of this host that no longer runs, killed before its owner file was complete:
     named by `_staging_prefix`, holding nothing but (at most) that partial file."""
     match = re.fullmatch(re.escape(f".{target.name}.{_TAG}-") + r"(\d+)-([0-9a-f]{8})-[^/]+", folder.name)
-    if match is None or not folder.name.startswith(_staging_prefix(target, int(match.group(1)))):
-        return False  # not ours by name, or made on another host
-    if pid_alive(int(match.group(1))):
-        return False
+    if match is None or match.group(2) != _host_tag() or pid_alive(int(match.group(1))):
+        return False  # not ours by name, made on another host, or its process still runs
     return {p.name for p in folder.iterdir()} <= {_OWNER_FILE}
 
 

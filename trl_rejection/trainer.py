@@ -239,12 +239,13 @@ class RejectionSFTTrainer(SFTTrainer):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         if self.args.length_column_name in dataset.column_names:
-            lengths = [int(x) for x in dataset[self.args.length_column_name]]
-            _, has_image = estimate_lengths(dataset, image_tokens=1)
+            lengths, has_image = [int(x) for x in dataset[self.args.length_column_name]], None
         else:
             lengths, has_image = estimate_lengths(dataset, image_tokens=image_token_count(self.processing_class))
         if balance:
             return TokenBalancedSampler(lengths, self.args.per_device_train_batch_size, chunks, seed=seed)
+        if has_image is None:  # the modality split only: a scan of the messages, without counting image tokens
+            _, has_image = estimate_lengths(dataset, image_tokens=1)
         return ModalityLengthGroupedSampler(lengths, has_image, batch_size=self.args.per_device_train_batch_size,
                                             world_size=self.args.world_size, seed=seed)
 
