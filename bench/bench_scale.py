@@ -19,7 +19,8 @@ allocated GiB of each GPU, and whether the run saw the same batches as `ref1`. T
 Runs (global batch 32 each):
     ref1      1 GPU (single_gpu.yaml), batch 16 x 2 accumulation steps: the reference
     ref1_b32  1 GPU, batch 32 x 1: the same global batch and data, summed differently (the bf16 noise floor)
-    ref1_rep  ref1 again (run-to-run spread)
+    ref1_rep, ref1_rep2, ref1_rep3   ref1 again (run-to-run spread: the noise floor)
+    ref1_bf16 ref1 with --fp32_trainable_params false (the projector trained in bf16, as before that option)
     fsdp1     fsdp.yaml on 1 GPU, 16 x 2 (FSDP's precision regime without sharding: bf16 parameters in compute,
               bf16 gradient reduction, fp32 trainable masters)
     zero3x1   zero3.yaml on 1 GPU, 16 x 2 (DeepSpeed's bf16 regime without sharding)
@@ -57,7 +58,10 @@ WARM = int(os.environ.get("WARM", "3"))
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
 RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation, extra recipe flags)
     "ref1": ("single_gpu", 1, 16, 2, ()), "ref1_b32": ("single_gpu", 1, 32, 1, ()),
-    "ref1_rep": ("single_gpu", 1, 16, 2, ()), "ddp": ("multi_gpu", 2, 16, 1, ()), "fsdp": ("fsdp", 2, 16, 1, ()),
+    "ref1_rep": ("single_gpu", 1, 16, 2, ()), "ref1_rep2": ("single_gpu", 1, 16, 2, ()),
+    "ref1_rep3": ("single_gpu", 1, 16, 2, ()),
+    "ref1_bf16": ("single_gpu", 1, 16, 2, ("--fp32_trainable_params", "false")),
+    "ddp": ("multi_gpu", 2, 16, 1, ()), "fsdp": ("fsdp", 2, 16, 1, ()),
     "zero3": ("zero3", 2, 16, 1, ()), "zero2": ("zero2", 2, 16, 1, ()), "fsdp1": ("fsdp", 1, 16, 2, ()),
     "fsdp1_b32": ("fsdp", 1, 32, 1, ()), "zero3x1": ("zero3", 1, 16, 2, ()), "zero3x1_b32": ("zero3", 1, 32, 1, ()),
     "ddp_nofind": ("multi_gpu", 2, 16, 1, ("--ddp_find_unused_parameters", "false")),

@@ -290,3 +290,29 @@ def test_checkpoints_resume_with_gradient_checkpointing(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert resumed.state.global_step == 4
     assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("keep_fp32", [True, False])
+def test_a_half_precision_model_trains_its_projector_in_fp32_under_mixed_precision(tmp_path, keep_fp32):
+    """A bf16 checkpoint under bf16 mixed precision (the paper config on one GPU or DDP): the trainable parameters are
+    float32 masters, so the projector's lr-2e-5 Adam steps move its weights; kept in bf16 (the option off), most of
+    those steps round away. The frozen base stays bf16."""
+    proc = make_processor("llava-1.5")
+    model = make_model("llava-1.5", proc).to(torch.bfloat16)
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
+    args = config(tmp_path, bf16=True, max_steps=1, learning_rate=2e-4, projector_lr=2e-5, max_grad_norm=0.0,
+                  fp32_trainable_params=keep_fp32)
+    trainer = RejectionSFTTrainer(model, args=args, train_dataset=mix(), processing_class=proc, peft_config=peft)
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    projector = {n: p.detach().float().clone() for n, p in trainable.items()
+                 if "multi_modal_projector" in n and n.endswith("weight")}  # (zero-init biases move either way)
+    assert projector and {p.dtype for p in trainable.values()} == ({torch.float32} if keep_fp32 else
+                                                                   {torch.float32, torch.bfloat16})  # PEFT: fp32 LoRA
+    assert {trainable[n].dtype for n in projector} == {torch.float32 if keep_fp32 else torch.bfloat16}
+    assert {p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    trainer.train()
+    moved = [(trainable[n].detach().float() != before).float().mean().item() for n, before in projector.items()]
+    if keep_fp32:
+        assert min(moved) > 0.99, moved
+    else:
+        assert max(moved) < 0.5, moved

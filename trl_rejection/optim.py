@@ -39,6 +39,17 @@ def split_projector_groups(groups: Sequence[dict[str, Any]], projector: set[int]
     return out
 
 
+def upcast_trainable_parameters(model: torch.nn.Module) -> list[str]:
+    """Cast every trainable half-precision parameter to float32 in place (the same `Parameter` objects, so an
+    optimizer that already holds them keeps working); returns their names."""
+    names = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            names.append(name)
+    return names
+
+
 def keep_embeddings_32bit(optimizer_cls: type, optimizer_kwargs: dict[str, Any], model: torch.nn.Module) -> None:
     """For an 8-bit bitsandbytes optimizer, keep the embeddings' optimizer states in 32 bits, as
     `Trainer.create_optimizer` does for the optimizers it builds."""

@@ -35,7 +35,7 @@ from .config import RejectionSFTConfig
 from .data_wait import DataWaitMeter
 from .dataset_checks import check_dataset, drop_empty_images
 from .fused import fuse_elementwise_ops
-from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
+from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups, upcast_trainable_parameters
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
 from .processing import is_vlm_processor
 from .sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
@@ -195,6 +195,11 @@ class RejectionSFTTrainer(SFTTrainer):
                          formatting_func=formatting_func)
         self.padding_free = padding_free
         self._split_sums: dict[str, list[float]] = {}
+        if args.fp32_trainable_params and self.accelerator.mixed_precision in ("bf16", "fp16") \
+                and not self.is_deepspeed_enabled:
+            if upcast := upcast_trainable_parameters(self.model):
+                logger.info("fp32_trainable_params: %d trainable half-precision parameters kept in float32 (e.g. %s).",
+                            len(upcast), upcast[0])
         if padding_free:
             use_varlen_attention(self.model)
         self._rope_module = rope_index_module(self.model) if padding_free else None
