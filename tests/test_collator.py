@@ -18,8 +18,8 @@ from trl_rejection.spans import special_token_strings
 from trl_rejection.testing.tiny import FAMILIES, TEXT_FAMILIES, VLM_FAMILIES, make_processor
 
 END_OF_TURN = {"llava-1.5": "</s>", "llava-next": "</s>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>",
-               "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>", "gemma3": "<end_of_turn>",
-               "llama3-text": "<|eot_id|>", "qwen2.5-text": "<|im_end|>"}
+               "qwen3-vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>",
+               "gemma3": "<end_of_turn>", "llama3-text": "<|eot_id|>", "qwen2.5-text": "<|im_end|>"}
 IMAGE = Image.new("RGB", (32, 32), (200, 30, 30))
 
 

@@ -25,6 +25,8 @@ EXPECTED = {
                   "<|im_start|>assistant\nA red square.<|im_end|>\n"), "<|image_pad|>", 4),
     "qwen2.5-vl": (("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>",
                     "<|im_start|>assistant\nA red square.<|im_end|>\n"), "<|image_pad|>", 4),
+    "qwen3-vl": (("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>",
+                  "<|im_start|>assistant\nA red square.<|im_end|>\n"), "<|image_pad|>", 4),
     "idefics3": (("<|begin_of_text|>User:<image>What is this?<end_of_utterance>\n",
                   "Assistant: A red square.<end_of_utterance>\n"), "<image>", 4),
     "smolvlm": (("<|im_start|>User:<image>What is this?<end_of_utterance>\n",
@@ -42,6 +44,7 @@ TEMPLATE_SHA256 = {
     "llava-next": "2c17243a977fd0643fb549a509a8e2684f45517df0f9f608d5893b719f16569f",
     "qwen2-vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
     "qwen2.5-vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+    "qwen3-vl": "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4",  # TRL's copy (no vendored one)
     "idefics3": "0d7e56ca41705b79932de707b22bc855c3cfcefae62f1ac5e458560654883d2e",
     "smolvlm": "830005085ddd94cec605b6e21b885b28ffad6e3f82ee6a212c523533e8f04f01",
     "gemma3": "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
@@ -158,7 +161,7 @@ def test_save_and_load_offline(tiny, tmp_path, monkeypatch):
     torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
 
     processor.save_pretrained(tmp_path / "processor")
-    if family.startswith("qwen2") and family in VLM_FAMILIES and not is_torchvision_available():
+    if family.startswith("qwen") and family in VLM_FAMILIES and not is_torchvision_available():
         pytest.skip(QWEN_VL_NEEDS_TORCHVISION)
     loaded = (AutoProcessor if family in VLM_FAMILIES else AutoTokenizer).from_pretrained(tmp_path / "processor")
     assert type(loaded) is type(processor)

@@ -28,6 +28,10 @@ __all__ = ["FAMILIES", "TEXT_FAMILIES", "VLM_FAMILIES", "chat_template", "make_m
 
 _PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]  # llava-v1.6-mistral's grid, scaled from 336 to 28 px
 _IDEFICS_IMAGE_SIZE = {"idefics3": 56, "smolvlm": 84}  # patch 14, scale factor 2 / 3: (56/14)**2/4 = (84/14)**2/9 = 4
+# Qwen-VL family: processor class, video processor class, vision patch size (merged 2x2)
+_QWEN_VL = {"qwen2-vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor", 14),
+            "qwen2.5-vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", 14),
+            "qwen3-vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor", 16)}
 
 
 def make_processor(family: str):
@@ -51,12 +55,15 @@ def make_processor(family: str):
             processor_class = transformers.LlavaNextProcessor
         return processor_class(image_processor, tokenizer, patch_size=14, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=template)  # fmt: skip
-    if family in ("qwen2-vl", "qwen2.5-vl"):
-        pixels = 56 * 56  # min = max pixels: a 2x2 grid of merged 28 px patches, 4 image tokens for a square image
-        image_processor = transformers.Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels})
-        processor_class = transformers.Qwen2VLProcessor if family == "qwen2-vl" else transformers.Qwen2_5_VLProcessor
+    if family in _QWEN_VL:
+        processor_class, video_class, patch = _QWEN_VL[family]
+        pixels = (4 * patch) ** 2  # min = max pixels: a 2x2 grid of merged patches, 4 image tokens for a square image
+        image_processor = transformers.Qwen2VLImageProcessorPil(
+            size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch,
+            **({"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3-vl" else {}))  # as on the Hub
+        processor_class = getattr(transformers, processor_class)
         if is_torchvision_available():
-            video_processor = transformers.Qwen2VLVideoProcessor()
+            video_processor = getattr(transformers, video_class)()
             return processor_class(image_processor, tokenizer, video_processor, chat_template=template)
         # Without torchvision, transformers exports no video-processor base class, so the processor's class check of
         # `video_processor` cannot pass: skip that check and hold a bare `VideoProcessorMixin` (images only).
@@ -105,7 +112,7 @@ def make_model(family: str, processor=None, seed: int = 0):
         else:
             config = transformers.LlavaNextConfig(image_grid_pinpoints=_PINPOINTS, **kwargs)
             model_class = transformers.LlavaNextForConditionalGeneration
-    elif family in ("qwen2-vl", "qwen2.5-vl"):
+    elif family in _QWEN_VL:
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         token_ids = dict(image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
                          vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
@@ -114,11 +121,20 @@ def make_model(family: str, processor=None, seed: int = 0):
             vision_config = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
             config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision_config, **token_ids)
             model_class = transformers.Qwen2VLForConditionalGeneration
-        else:
+        elif family == "qwen2.5-vl":
             vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                                  fullatt_block_indexes=[1])  # fmt: skip
             config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision_config, **token_ids)
             model_class = transformers.Qwen2_5_VLForConditionalGeneration
+        else:  # interleaved M-RoPE (T, H, W frequencies alternate, T takes the rest) and deepstack features from
+            # both vision blocks added to the first two decoder layers; 16 position embeddings (a 4x4 grid)
+            text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                       "mrope_interleaved": True}  # fmt: skip
+            vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                 num_position_embeddings=16, deepstack_visual_indexes=[0, 1])  # fmt: skip
+            config = transformers.Qwen3VLConfig(text_config={**text, "head_dim": 16}, vision_config=vision_config,
+                                                **token_ids)  # fmt: skip
+            model_class = transformers.Qwen3VLForConditionalGeneration
     elif family in ("idefics3", "smolvlm"):
         config = transformers.Idefics3Config(
             vision_config=transformers.Idefics3VisionConfig(image_size=_IDEFICS_IMAGE_SIZE[family], **vision),

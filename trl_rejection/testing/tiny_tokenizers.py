@@ -15,6 +15,8 @@ read from there at run time (`template_source`); only llava-1.5's is kept here:
 - qwen2-vl: `Qwen/Qwen2-VL-7B-Instruct`, byte-identical to Qwen2.5-VL's, so TRL's `qwen2_5_vl.jinja` (TRL's drift
   check holds `Qwen/Qwen2-VL-2B-Instruct` to it).
 - qwen2.5-vl: `Qwen/Qwen2.5-VL-7B-Instruct`, TRL's `qwen2_5_vl.jinja`.
+- qwen3-vl: `Qwen/Qwen3-VL-8B-Instruct`, TRL's `qwen3_vl.jinja` (TRL's drift check holds `Qwen/Qwen3-VL-2B-Instruct`
+  to it; the dense Qwen3-VL Instruct checkpoints ship one template).
 - idefics3: `HuggingFaceM4/Idefics3-8B-Llama3`, TRL's `idefics3.jinja`.
 - smolvlm: `HuggingFaceTB/SmolVLM-Instruct` (SmolVLM2 ships the same bytes), TRL's `smolvlm.jinja`.
 - gemma3: `google/gemma-3-4b-it`, TRL's `gemma3.jinja`.
@@ -46,7 +48,8 @@ from transformers import PreTrainedTokenizerFast
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable  # Python 3.11+; importlib.abc on 3.10
 
-VLM_FAMILIES: tuple[str, ...] = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "idefics3", "smolvlm", "gemma3")
+VLM_FAMILIES: tuple[str, ...] = ("llava-1.5", "llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "idefics3", "smolvlm",
+                                  "gemma3")
 TEXT_FAMILIES: tuple[str, ...] = ("llama3-text", "qwen2.5-text")
 FAMILIES: tuple[str, ...] = VLM_FAMILIES + TEXT_FAMILIES
 
@@ -105,7 +108,7 @@ _BYTE_LEVEL = ("qwen2", "llama3", "smollm")  # GPT-2 byte-level BPE; the others:
 _ADDS_BOS = ("llama2", "gemma", "llama3")  # styles whose tokenizer prepends bos on encode
 
 TRL_TEMPLATES = {"llava-next": "llava_next", "qwen2-vl": "qwen2_5_vl", "qwen2.5-vl": "qwen2_5_vl",
-                 "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3", "llama3-text": "llama3_1",
+                 "qwen3-vl": "qwen3_vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3", "llama3-text": "llama3_1",
                  "qwen2.5-text": "qwen2_5"}  # fmt: skip
 """Family -> name of its template in TRL's `trl/chat_templates/` (the families not named keep theirs here)."""
 
@@ -126,11 +129,14 @@ class _Spec:
 _LLAVA = _Spec("llama2", ("<unk>", "<s>", "</s>"), ("<image>", "<pad>"), "<s>", "</s>", "<pad>", "<unk>",
                {"image_token": "<image>"})  # fmt: skip
 _QWEN25 = dict(plain=("<tool_call>", "</tool_call>"), stops=("<|endoftext|>",))
+_QWEN3 = dict(plain=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+              stops=("<|endoftext|>",))  # Qwen3's added tokens (not special), generation stops of Qwen3-VL-8B
 _SPECS = {
     "llava-1.5": _LLAVA,
     "llava-next": _LLAVA,
     "qwen2-vl": _Spec("qwen2", (), _QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", stops=("<|endoftext|>",)),
     "qwen2.5-vl": _Spec("qwen2", (), _QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", **_QWEN25),
+    "qwen3-vl": _Spec("qwen2", (), _QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", **_QWEN3),
     "idefics3": _Spec("llama3", (), _LLAMA3_SPECIALS + _IDEFICS_SPECIALS, "<|begin_of_text|>", "<end_of_utterance>",
                       "<|reserved_special_token_0|>"),  # fmt: skip
     "smolvlm": _Spec("smollm", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), _IDEFICS_SPECIALS, "<|im_start|>",
