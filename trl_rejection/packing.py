@@ -3,7 +3,7 @@
 - `pack_padded_batch` turns a right-padded collated batch into one row of concatenated sequences (no padding) with
   `position_ids` restarting at 0 for each sequence and flash-attention-style `cu_seq_lens_q/k`, `max_length_q/k`.
 - `padding_free_supported` says whether a model computes the same thing on such a batch (1-D RoPE, no token-type
-  mask); Qwen2-VL-family models get their per-row 3-D RoPE positions from `mrope_packed_inputs`.
+  mask); Qwen2-VL, Qwen2.5-VL and Qwen3-VL models get their per-row 3-D RoPE positions from `mrope_packed_inputs`.
 - `token_row_index` maps each token of a packed batch back to its row.
 
 The attention that keeps packed rows apart for SDPA models is in `trl_rejection.attention`.
@@ -28,11 +28,12 @@ from .constants import IGNORE_INDEX
 
 # Models whose positions are not 1-D (multimodal RoPE) or whose mask depends on token types (bidirectional image
 # blocks): concatenating rows with restarting 1-D position_ids would change what they compute.
-_NOT_PACKABLE = ("qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3", "gemma3n", "paligemma", "mllama",
+_NOT_PACKABLE = ("qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3", "gemma3n", "paligemma", "mllama",
                  "qwen2_5_omni", "qwen3_omni_moe", "kimi_vl")
 # Multimodal-RoPE models packed with per-row 3-D positions (`mrope_packed_inputs`): their text model reads
-# `[4, 1, tokens]` position ids, text positions first.
-_MROPE_PACKABLE = ("qwen2_vl", "qwen2_5_vl")
+# `[4, 1, tokens]` position ids, text positions first. Qwen3-VL's deepstack features need nothing more: the model adds
+# them at the image tokens of whatever sequence it is given, in image order, which packing keeps.
+_MROPE_PACKABLE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def padding_free_supported(config: Any) -> tuple[bool, str]:
@@ -50,12 +51,12 @@ def padding_free_supported(config: Any) -> tuple[bool, str]:
 
 
 def rope_index_module(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The sub-module computing a Qwen2-VL-family model's 3-D RoPE positions (`get_rope_index`); None for others."""
+    """The sub-module computing a Qwen-VL model's 3-D RoPE positions (`get_rope_index`); None for others."""
     return next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
 
 
 def mrope_packed_inputs(rope_module: torch.nn.Module | None, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Give a packed batch of a Qwen2-VL-family model its `[4, 1, tokens]` position ids.
+    """Give a packed batch of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model its `[4, 1, tokens]` position ids.
 
     Row 0 holds the packed text positions (restarting per row; the model keeps rows apart with them), rows 1-3 the
     temporal/height/width positions of multimodal RoPE, computed over the packed sequence and shifted so each row
@@ -67,7 +68,7 @@ def mrope_packed_inputs(rope_module: torch.nn.Module | None, inputs: dict[str, A
         >>> batch["position_ids"].shape  # doctest: +SKIP
         torch.Size([4, 1, 391])
     """
-    if rope_module is None:  # every model but the Qwen2-VL family: nothing to do on this per-step path
+    if rope_module is None:  # every model but the Qwen-VL ones: nothing to do on this per-step path
         return inputs
     position_ids, cu = inputs.get("position_ids"), inputs.get("cu_seq_lens_q")
     grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
