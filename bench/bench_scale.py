@@ -100,7 +100,7 @@ def run_key(name: str) -> str:
     return name.removesuffix("_ckpt").removesuffix("_resume")
 
 
-def launch_cmd(name: str) -> list[str]:
+def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
     key = run_key(name)
     cfg, n, bs, accumulation, flags = RUNS[key]
     if SMALL:
@@ -111,6 +111,7 @@ def launch_cmd(name: str) -> list[str]:
     else:
         how = ["--config_file", str(ROOT / f"recipes/accelerate_configs/{cfg}.yaml"), "--num_processes", str(n),
                "--main_process_port", str(29500 + sorted(RUNS).index(key))]  # runs side by side need their own
+        how += ["--gpu_ids", str(gpu)] if gpu is not None else []  # (single_gpu.yaml names GPU 0)
         extra = ["--per_device_train_batch_size", str(bs)]
     out = WORK / "out" / (key + "_ckpt" if name.endswith("_resume") else name)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, str(ROOT / "recipes/sft_rejection.py"),
@@ -137,9 +138,8 @@ def batches(out: Path) -> list[frozenset]:
 def start(name: str, gpu: int | None = None) -> subprocess.Popen:
     (WORK / "out").mkdir(parents=True, exist_ok=True)
     (WORK / "out" / f"{name}.metrics.jsonl").unlink(missing_ok=True)
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
-    return subprocess.Popen(launch_cmd(name), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=WORK,
-                            env=env)
+    return subprocess.Popen(launch_cmd(name, gpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=WORK)
 
 
 def run_group(group: str) -> list[dict]:

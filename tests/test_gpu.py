@@ -23,11 +23,18 @@ CONFIGS = ROOT / "recipes" / "accelerate_configs"
 SMALL_MIX = json.dumps({"n_refusal": 16, "n_normal": 48})
 
 
-def launch(tmp_path: Path, config: str, processes: int, *args: str) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, config: str, processes: int, *args: str, fake_hub: Path | None = None
+           ) -> subprocess.CompletedProcess:
+    """Run the recipe through `accelerate launch`; with `fake_hub`, Hub uploads are copied there instead
+    (tests/fake_hub/sitecustomize.py: the GPU machines are offline)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
            "--num_processes", str(processes), RECIPE, "--use_cpu", "false", "--bf16", "true", *args]
     env = {**os.environ, "TRL_REJECTION_CACHE": str(tmp_path / "cache"), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    if fake_hub is not None:
+        fake_hub.mkdir()
+        env.update(FAKE_HUB=str(fake_hub),
+                   PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "fake_hub"), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -133,18 +140,21 @@ def _needs(config: str) -> None:
 @pytest.mark.parametrize("config", ["multi_gpu", "fsdp", "zero2", "zero3"])
 def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, config):
     """The recipe's tiny default (fp32 weights, bf16 autocast, padding-free) on 2 GPUs through each shipped config,
-    `--merge_adapter`: the merged model is whole (no LoRA, nothing missing), loads on one device, differs from the
-    base where LoRA was merged and equals it where nothing trained (vision tower)."""
+    `--merge_adapter --push_to_hub`: the merged model is pushed once, by the main process, and is whole (no LoRA,
+    nothing missing), loads on one device, differs from the base where LoRA was merged and equals it where nothing
+    trained (vision tower)."""
     _needs(config)
     from transformers import LlavaForConditionalGeneration
 
     from trl_rejection.testing.tiny import make_model, make_processor
 
     out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--merge_adapter", "true",
-                 "--mix", SMALL_MIX, "--save_strategy", "no").stdout
+                 "--mix", SMALL_MIX, "--save_strategy", "no", "--push_to_hub", "true", "--hub_model_id", "me/merged",
+                 fake_hub=tmp_path / "hub").stdout
     assert "Optimizer steps: 6." in out and "| bundled | all |" in out
-    final = tmp_path / config / "final"
-    assert not (final / "adapter_config.json").exists()
+    assert (tmp_path / "hub" / "me--merged.rank").read_text() == "0"  # one upload, from the main process
+    final = tmp_path / "hub" / "me--merged"
+    assert not (final / "adapter_config.json").exists() and (final / "README.md").is_file()
     merged, info = LlavaForConditionalGeneration.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not any("lora" in n for n, _ in merged.named_parameters())
     base = dict(make_model("llava-1.5", make_processor("llava-1.5"), seed=0).named_parameters())
