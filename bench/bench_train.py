@@ -33,13 +33,15 @@ Variants (VARIANTS, comma-separated):
 Environment knobs: BS (16), STEPS (14, of which WARM=3 untimed), WORKERS (8), LORA_DROPOUT (0.05), VARIANTS,
 SMALL=1 (tiny model on CPU: a dry run of the harness), OUT (folder for results, default /tmp), ROWS_SEED (0),
 MODEL ("llava-1.5"; "qwen2.5-vl": Qwen2.5-VL-7B's shape, images at up to 640x640 px, 28 px merged patches, the
-projector `merger` trained, model TFLOP/s counted with 7.07e9 language-model parameters).
+projector `merger` trained, model TFLOP/s counted with 7.07e9 language-model parameters; "qwen3-vl": Qwen3-VL-8B's
+shape, images at up to 640x640 px, 32 px merged patches, `merger` and the deepstack mergers trained, 7.57e9).
 
 Example:
     BS=16 STEPS=14 VARIANTS=check,stock,ours,ours_nofuse,ours_nofuse_padded python bench/bench_train.py
     BS=16 VARIANTS=ours,stock,ours,stock python bench/bench_train.py  # alternating repeats; table shows medians
     SMALL=1 BS=4 STEPS=4 WARM=1 WORKERS=0 VARIANTS=check,stock,ours,ours_nofuse_grouped,collate \
         python bench/bench_train.py  # CPU dry run
+    MODEL=qwen3-vl BS=16 VARIANTS=check,stock,ours,ours_padded python bench/bench_train.py  # Qwen3-VL-8B's shape
 """
 
 from __future__ import annotations
@@ -69,9 +71,11 @@ WORKERS = int(os.environ.get("WORKERS", "8"))
 LORA_DROPOUT = float(os.environ.get("LORA_DROPOUT", "0.05"))
 VARIANTS = os.environ.get("VARIANTS", "check,stock,ours").split(",")
 OUT = os.environ.get("OUT", "/tmp")
-MODEL = os.environ.get("MODEL", "llava-1.5")  # or "qwen2.5-vl": Qwen2.5-VL-7B's shape
-N_LM = {"llava-1.5": 6.74e9, "qwen2.5-vl": 7.07e9}[MODEL]  # language-model parameters (Llama-2-7B / Qwen2-7B)
-PROJECTOR = {"llava-1.5": "multi_modal_projector", "qwen2.5-vl": "merger"}[MODEL]
+MODEL = os.environ.get("MODEL", "llava-1.5")  # or "qwen2.5-vl" / "qwen3-vl": Qwen2.5-VL-7B's / Qwen3-VL-8B's shape
+# language-model parameters: Llama-2-7B; Qwen2.5-VL-7B's / Qwen3-VL-8B's decoder layers + LM head (no embeddings)
+N_LM = {"llava-1.5": 6.74e9, "qwen2.5-vl": 7.07e9, "qwen3-vl": 7.57e9}[MODEL]
+PROJECTOR = {"llava-1.5": ["multi_modal_projector"], "qwen2.5-vl": ["merger"],
+             "qwen3-vl": ["merger"] + [f"deepstack_merger_list.{i}" for i in range(2 if SMALL else 3)]}[MODEL]
 CUDA = torch.cuda.is_available() and not SMALL
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -86,10 +90,13 @@ def log(**record):
 def processor():
     from trl_rejection.testing.tiny import chat_template, make_processor
 
-    if MODEL == "qwen2.5-vl":  # the tiny processor with Qwen's image processing: 28 px merged patches, <= 640x640 px
-        proc = make_processor(MODEL)
+    if MODEL.startswith("qwen"):  # the tiny processor with the Hub's image processing (28 / 32 px merged patches,
+        proc = make_processor(MODEL)  # min pixels, Qwen3-VL's mean and std), at most 640x640 px
         image_class = getattr(transformers, "Qwen2VLImageProcessor" if CUDA else "Qwen2VLImageProcessorPil")
-        proc.image_processor = image_class(size={"shortest_edge": 56 * 56, "longest_edge": 640 * 640})
+        hub = (dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"shortest_edge": 256 * 256})
+               if MODEL == "qwen3-vl" else dict(size={"shortest_edge": 56 * 56}))
+        hub["size"]["longest_edge"] = 640 * 640
+        proc.image_processor = image_class(**hub)
         return proc
 
     tok = make_processor("llava-1.5").tokenizer  # Llama-2-style tokenizer, llava-hf special tokens, offline
@@ -148,11 +155,37 @@ def llava_config(proc, ids: dict) -> transformers.LlavaConfig:
                                     projector_hidden_act="gelu", attn_implementation="sdpa")
 
 
+def qwen3_vl_config(proc, ids: dict) -> transformers.Qwen3VLConfig:
+    """Qwen3-VL-8B-Instruct's config.json (or a tiny one with SMALL=1): interleaved M-RoPE, deepstack features."""
+    if SMALL:
+        rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, rope_parameters=rope)
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      num_position_embeddings=2304, deepstack_visual_indexes=[0, 1])
+    else:
+        text = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+                    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                     "mrope_interleaved": True})
+        vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                      num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+    tok = proc.tokenizer
+    return transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=151936, **text, **ids), vision_config=dict(patch_size=16, **vision),
+        image_token_id=proc.image_token_id, video_token_id=proc.video_token_id,
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"), tie_word_embeddings=False,
+        attn_implementation="sdpa")
+
+
 def build_model(proc):
     """The benchmark's model (`MODEL`) with random weights, in bf16 on the GPU."""
     tok = proc.tokenizer
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if MODEL == "qwen2.5-vl":
+    if MODEL == "qwen3-vl":
+        cfg, model_class = qwen3_vl_config(proc, ids), transformers.Qwen3VLForConditionalGeneration
+    elif MODEL == "qwen2.5-vl":
         if SMALL:
             text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
@@ -239,7 +272,7 @@ def train_variant(name: str, proc, ds):
     if "loop" in flags:
         os.environ["TRL_REJECTION_VARLEN"] = "loop"
     peft = LoraConfig(r=128, lora_alpha=256, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
-                      modules_to_save=[PROJECTOR])
+                      modules_to_save=PROJECTOR)
     meter = Meter()
     model = build_model(proc)
     with tempfile.TemporaryDirectory() as d:
@@ -388,9 +421,9 @@ def run_isolated(variants: list[str]) -> None:
 def main():
     import trl
 
-    info = dict(variant="info", torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
-                device=torch.cuda.get_device_name(0) if CUDA else "cpu", small=SMALL, bs=BS, steps=STEPS,
-                warm=WARM, workers=WORKERS, variants=VARIANTS)
+    info = dict(variant="info", model=MODEL, torch=torch.__version__, transformers=transformers.__version__,
+                trl=trl.__version__, device=torch.cuda.get_device_name(0) if CUDA else "cpu", small=SMALL, bs=BS,
+                steps=STEPS, warm=WARM, workers=WORKERS, variants=VARIANTS)
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
         info["torch_varlen_attn"] = True

@@ -46,10 +46,11 @@ def test_packed_rows_get_the_padded_rows_positions():
     module = rope_index_module(model)
     assert isinstance(module, transformers.Qwen3VLModel)
 
-    positions = mrope_packed_inputs(module, {k: v for k, v in packed.items()})["position_ids"]
+    positions = mrope_packed_inputs(module, packed)["position_ids"]
     mask = padded["attention_mask"].bool()
     expected, _ = module.get_rope_index(padded["input_ids"], mm_token_type_ids=padded["mm_token_type_ids"],
-                                        image_grid_thw=padded["image_grid_thw"], attention_mask=padded["attention_mask"])
+                                        image_grid_thw=padded["image_grid_thw"],
+                                        attention_mask=padded["attention_mask"])
     assert positions.shape == (4, 1, int(mask.sum()))
     assert torch.equal(positions[0, 0], torch.cat([torch.arange(int(n)) for n in mask.sum(1)]))
     assert torch.equal(positions[1:, 0], expected[:, mask])

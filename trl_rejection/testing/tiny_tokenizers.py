@@ -108,8 +108,8 @@ _BYTE_LEVEL = ("qwen2", "llama3", "smollm")  # GPT-2 byte-level BPE; the others:
 _ADDS_BOS = ("llama2", "gemma", "llama3")  # styles whose tokenizer prepends bos on encode
 
 TRL_TEMPLATES = {"llava-next": "llava_next", "qwen2-vl": "qwen2_5_vl", "qwen2.5-vl": "qwen2_5_vl",
-                 "qwen3-vl": "qwen3_vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3", "llama3-text": "llama3_1",
-                 "qwen2.5-text": "qwen2_5"}  # fmt: skip
+                 "qwen3-vl": "qwen3_vl", "idefics3": "idefics3", "smolvlm": "smolvlm", "gemma3": "gemma3",
+                 "llama3-text": "llama3_1", "qwen2.5-text": "qwen2_5"}  # fmt: skip
 """Family -> name of its template in TRL's `trl/chat_templates/` (the families not named keep theirs here)."""
 
 @dataclass(frozen=True)
