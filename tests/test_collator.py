@@ -82,7 +82,7 @@ def test_labels_decode_to_replies_and_end_of_turn(family):
     assert ((labels == IGNORE_INDEX) | (labels == ids)).all()
 
 
-@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "gemma3", "llama3-text"])
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "qwen3-vl", "gemma3", "llama3-text"])
 def test_refusal_label_tokens_and_unmasked_eos(family):
     proc = processor(family)
     n_img = 1 if family in VLM_FAMILIES else 0
