@@ -28,6 +28,9 @@ Runs (global batch 32 each):
     ddp_nofind      ddp with --ddp_find_unused_parameters false
     ddp_unbalanced  ddp with --balance_micro_batches false (each GPU's 16 rows as a plain shuffle splits them)
     zero3_noleaf    zero3 with --zero3_leaf_modules false (DeepSpeed fetches every linear layer on its own)
+    fsdp_keep       fsdp launched with --fsdp_reshard_after_forward false (blocks stay gathered from forward to backward)
+    qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
+    ref1_b4         1 GPU, bf16 base, batch 4 x 8 (qlora's batch without quantization)
 Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for their losses, not their speed.
     ddp       multi_gpu.yaml, 2 processes x 16        zero2  zero2.yaml, 2 x 16
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
@@ -67,7 +70,10 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "ddp_nofind": ("multi_gpu", 2, 16, 1, ("--ddp_find_unused_parameters", "false")),
     "ddp_unbalanced": ("multi_gpu", 2, 16, 1, ("--balance_micro_batches", "false")),
     "zero3_noleaf": ("zero3", 2, 16, 1, ("--zero3_leaf_modules", "false")),
+    "qlora": ("single_gpu", 1, 4, 8, ("--load_in_4bit", "true")), "ref1_b4": ("single_gpu", 1, 4, 8, ()),
+    "fsdp_keep": ("fsdp", 2, 16, 1, ()),
 }
+LAUNCH_FLAGS = {"fsdp_keep": ["--fsdp_reshard_after_forward", "false"]}  # accelerate launch options of a run
 
 
 def log(record: dict) -> None:
@@ -112,6 +118,7 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
         how = ["--config_file", str(ROOT / f"recipes/accelerate_configs/{cfg}.yaml"), "--num_processes", str(n),
                "--main_process_port", str(29500 + sorted(RUNS).index(key))]  # runs side by side need their own
         how += ["--gpu_ids", str(gpu)] if gpu is not None else []  # (single_gpu.yaml names GPU 0)
+        how += LAUNCH_FLAGS.get(key, [])
         extra = ["--per_device_train_batch_size", str(bs)]
     out = WORK / "out" / (key + "_ckpt" if name.endswith("_resume") else name)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, str(ROOT / "recipes/sft_rejection.py"),

@@ -1,5 +1,6 @@
 # bench/device_setup.sh - sourced from the repo root on the offline GPU machine (wheels carried in .whl/):
-# installs them into /tmp/site (wheels: ../shared/device/fetch_wheels.sh deepspeed, plus evaluate==0.4.6), builds
+# installs them into /tmp/site (wheels: ../shared/device/fetch_wheels.sh deepspeed bnb, plus evaluate==0.4.6; the
+# bitsandbytes wheel slimmed to its CUDA 13 libraries to fit the 64 MiB carry), builds
 # DeepSpeed from its sdist with DS_BUILD_OPS=0, exports PYTHONPATH and the NCCL/NVSHMEM variables that keep NVLink
 # multicast off.
 W=$PWD/.whl
@@ -10,3 +11,4 @@ fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -c "import torch, trl, transformers, accelerate, evaluate; print('torch', torch.__version__, 'trl', trl.__version__, 'tf', transformers.__version__, 'acc', accelerate.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))"
 python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
