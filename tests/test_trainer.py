@@ -316,3 +316,33 @@ def test_a_half_precision_model_trains_its_projector_in_fp32_under_mixed_precisi
         assert min(moved) > 0.99, moved
     else:
         assert max(moved) < 0.5, moved
+
+
+def test_qlora_leaves_the_fully_trained_modules_unquantized(tmp_path, monkeypatch):
+    """A 4-bit projector cannot be trained (PEFT: "only Tensors of floating point dtype can require gradients"): the
+    trainer adds `modules_to_save` to the bitsandbytes config's skip list, keeping transformers' default (lm_head),
+    without changing the caller's config."""
+    from transformers import BitsAndBytesConfig
+    from trl import SFTTrainer
+
+    from trl_rejection.extras import keep_trained_modules_unquantized
+
+    seen = {}
+
+    def fake_init(self, model, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(SFTTrainer, "__init__", fake_init)
+    given = BitsAndBytesConfig(load_in_4bit=True)
+    peft = LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
+    with pytest.raises(RuntimeError, match="stop"):
+        RejectionSFTTrainer(make_model("llava-1.5", make_processor("llava-1.5")), args=config(tmp_path),
+                            train_dataset=mix(), processing_class=make_processor("llava-1.5"), peft_config=peft,
+                            quantization_config=given)
+    assert seen["quantization_config"].llm_int8_skip_modules == ["lm_head", "multi_modal_projector"]
+    assert given.llm_int8_skip_modules is None
+    own = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["vision_tower"])
+    assert keep_trained_modules_unquantized(own, ["multi_modal_projector"]).llm_int8_skip_modules == [
+        "vision_tower", "multi_modal_projector"]
+    assert keep_trained_modules_unquantized(own, []) is own

@@ -1,4 +1,5 @@
-"""Checks that a flag's optional extra (flash-attn, bitsandbytes) is installed, with the install command if not.
+"""Optional extras (flash-attn, bitsandbytes): checks that a flag's extra is installed, with the install command if
+not, and the bitsandbytes config that leaves the fully trained modules unquantized.
 
 Example:
     >>> check_extras("sdpa", quantized=False)
@@ -6,7 +7,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+from collections.abc import Sequence
+from typing import Any
 
 
 def check_extras(attn_implementation: str | None, quantized: bool) -> None:
@@ -19,3 +23,19 @@ def check_extras(attn_implementation: str | None, quantized: bool) -> None:
     if quantized and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("4-/8-bit loading (QLoRA) needs bitsandbytes, which is not installed. Fix: "
                           "`pip install 'trl-rejection[quantization]'` (needs CUDA), or drop --load_in_4bit.")
+
+
+def keep_trained_modules_unquantized(config: Any, modules: Sequence[str]) -> Any:
+    """A copy of a bitsandbytes quantization `config` whose `llm_int8_skip_modules` also lists `modules` (PEFT's
+    `modules_to_save`, e.g. the projector: a 4-bit layer cannot be trained in full). transformers' default skip (the
+    output embeddings, `lm_head`) is kept. Other configs, and configs that already skip them, are returned as given."""
+    skip = getattr(config, "llm_int8_skip_modules", False)
+    if skip is False or not modules:
+        return config
+    skip = list(skip) if skip is not None else ["lm_head"]
+    missing = [m for m in modules if m not in skip]
+    if not missing:
+        return config
+    config = copy.deepcopy(config)
+    config.llm_int8_skip_modules = skip + missing
+    return config

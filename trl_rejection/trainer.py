@@ -34,6 +34,7 @@ from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
 from .data_wait import DataWaitMeter
 from .dataset_checks import check_dataset, drop_empty_images
+from .extras import keep_trained_modules_unquantized
 from .fused import fuse_elementwise_ops
 from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups, upcast_trainable_parameters
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
@@ -118,7 +119,8 @@ class RejectionSFTTrainer(SFTTrainer):
         preprocess_logits_for_metrics (`Callable[[torch.Tensor, torch.Tensor], torch.Tensor]`, *optional*):
             Passed to `SFTTrainer`.
         quantization_config ([`~transformers.BitsAndBytesConfig`], *optional*):
-            Passed to `SFTTrainer`: quantization of a model loaded from its name (QLoRA with `peft_config`).
+            Passed to `SFTTrainer`: quantization of a model loaded from its name (QLoRA with `peft_config`). The
+            modules of `peft_config.modules_to_save` (the projector) are added to its `llm_int8_skip_modules`.
         peft_config ([`~peft.PeftConfig`], *optional*):
             PEFT configuration the model is wrapped with. With LoRA and `projector_lr`, list the projector in
             `modules_to_save`.
@@ -184,6 +186,8 @@ class RejectionSFTTrainer(SFTTrainer):
                 padding_free=padding_free)
         # TRL's `padding_free` is its own collator's (it refuses vision data and other collators); ours is done by
         # the collator built above, so TRL gets a copy of the config with TRL's off.
+        if quantization_config is not None and getattr(peft_config, "modules_to_save", None):
+            quantization_config = keep_trained_modules_unquantized(quantization_config, peft_config.modules_to_save)
         trl_args = copy.copy(args)
         trl_args.padding_free = False
         super().__init__(model, args=trl_args, data_collator=data_collator, train_dataset=train_dataset,
