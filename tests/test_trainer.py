@@ -323,6 +323,7 @@ def test_qlora_leaves_the_fully_trained_modules_unquantized(tmp_path, monkeypatc
     trainer adds `modules_to_save` to the bitsandbytes config's skip list, keeping transformers' default (lm_head),
     without changing the caller's config."""
     from transformers import BitsAndBytesConfig
+    from transformers.quantizers.quantizers_utils import should_convert_module
     from trl import SFTTrainer
 
     from trl_rejection.extras import keep_trained_modules_unquantized
@@ -340,9 +341,14 @@ def test_qlora_leaves_the_fully_trained_modules_unquantized(tmp_path, monkeypatc
         RejectionSFTTrainer(make_model("llava-1.5", make_processor("llava-1.5")), args=config(tmp_path),
                             train_dataset=mix(), processing_class=make_processor("llava-1.5"), peft_config=peft,
                             quantization_config=given)
-    assert seen["quantization_config"].llm_int8_skip_modules == ["lm_head", "multi_modal_projector"]
-    assert given.llm_int8_skip_modules is None
+    skip = seen["quantization_config"].llm_int8_skip_modules
+    assert skip[0] == "lm_head" and len(skip) == 2 and given.llm_int8_skip_modules is None
+    for name in ("model.multi_modal_projector.linear_1", "multi_modal_projector", "a.b.multi_modal_projector.c"):
+        assert not should_convert_module(name, skip), name
+    assert should_convert_module("model.language_model.layers.0.mlp.up_proj", skip)
     own = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["vision_tower"])
-    assert keep_trained_modules_unquantized(own, ["multi_modal_projector"]).llm_int8_skip_modules == [
-        "vision_tower", "multi_modal_projector"]
+    kept = keep_trained_modules_unquantized(own, ["visual.deepstack_merger_list.0"]).llm_int8_skip_modules
+    assert not should_convert_module("model.visual.deepstack_merger_list.0.linear_fc1", kept)
+    assert should_convert_module("model.visual.deepstack_merger_list.1.linear_fc1", kept)
+    assert not should_convert_module("vision_tower.encoder", kept)
     assert keep_trained_modules_unquantized(own, []) is own

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,10 @@ def keep_trained_modules_unquantized(config: Any, modules: Sequence[str]) -> Any
     if skip is False or not modules:
         return config
     skip = list(skip) if skip is not None else ["lm_head"]
-    missing = [m for m in modules if m not in skip]
+    # transformers matches skip patterns from the start of a module's full name ("model.multi_modal_projector..."),
+    # PEFT's `modules_to_save` at the end: the pattern takes any prefix.
+    missing = [rf"(?:.*\.)?{re.escape(m)}" for m in modules if m not in skip]
+    missing = [m for m in missing if m not in skip]
     if not missing:
         return config
     config = copy.deepcopy(config)
