@@ -322,6 +322,7 @@ def test_transformers_passes_packed_kwargs_and_module_attributes_to_attention(ll
 def test_transformers_qwen2_vl_get_rope_index_signature():
     skip_unless_used('get_rope_index')
     from transformers.models.qwen2_vl import modeling_qwen2_vl
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
 
     with contract("transformers Qwen2VLModel.get_rope_index(input_ids, mm_token_type_ids=..., image_grid_thw=...) "
                   "-> (position_ids (3, batch, seq), deltas)",
@@ -329,6 +330,8 @@ def test_transformers_qwen2_vl_get_rope_index_signature():
                   "adapt mrope_packed_inputs to the new signature; tests/test_batching.py checks the packed "
                   "Qwen2-VL step still equals the padded one."):
         params = inspect.signature(modeling_qwen2_vl.Qwen2VLModel.get_rope_index).parameters
+        assert {"input_ids", "mm_token_type_ids", "image_grid_thw"} <= set(params), list(params)
+        params = inspect.signature(modeling_qwen3_vl.Qwen3VLModel.get_rope_index).parameters
         assert {"input_ids", "mm_token_type_ids", "image_grid_thw"} <= set(params), list(params)
 
 

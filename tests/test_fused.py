@@ -18,7 +18,7 @@ from trl_rejection.collator import RejectionDataCollator
 from trl_rejection.testing.tiny import make_model, make_processor
 
 # transformers modules that define (or generate a copy of) a patched class, for the supported model families
-MODULES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl"]
+MODULES = ["llama", "mistral", "qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def patched_classes() -> list[type]:

@@ -321,7 +321,7 @@ def test_paper_config_trains_a_model_loaded_from_a_local_directory(tmp_path):
 
 
 @pytest.mark.parametrize("config,family", [("llava-1.5-7b", "llava-1.5"), ("llava-1.5-13b", "llava-1.5"),
-                                           ("llava-next", "llava-next"), ("qwen2.5-vl-7b", "qwen2.5-vl"),
+                                           ("llava-next", "llava-next"), ("qwen2.5-vl-7b", "qwen2.5-vl"), ("qwen3-vl-8b", "qwen3-vl"),
                                            ("smolvlm", "smolvlm")])
 def test_real_configs_put_lora_on_the_language_model_and_train_the_projector(config, family):
     """Each shipped model config, applied to a tiny model of its family: a typo in a module name would otherwise

@@ -84,10 +84,10 @@ class RejectionSFTConfig(SFTConfig):
             Concatenate each batch's rows into one sequence without padding. Unlike TRL's option of this name it
             works for vision-language models and with SDPA: the trainer switches the language model's attention from
             `"sdpa"` to `"sdpa_varlen"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA call per
-            row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL and
-            Qwen2.5-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or other
-            multimodal RoPE (Qwen3-VL, ...) fall back to padded batches. A `data_collator` given to the trainer
-            decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off).
+            row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL,
+            Qwen2.5-VL and Qwen3-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or
+            other multimodal RoPE (Qwen3-VL-MoE, GLM-4V, ...) fall back to padded batches. A `data_collator` given to
+            the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off).
         cast_lora_inputs (`bool`, *optional*, defaults to `False`):
             Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 autocast the
             LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it during
@@ -182,10 +182,10 @@ class RejectionSFTConfig(SFTConfig):
         "help": "Concatenate each batch's rows into one sequence without padding. Unlike TRL's option of this name "
         "it works for vision-language models and with SDPA: the trainer switches the language model's attention "
         "from `\"sdpa\"` to `\"sdpa_varlen\"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA "
-        "call per row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL "
-        "and Qwen2.5-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or other "
-        "multimodal RoPE (Qwen3-VL, ...) fall back to padded batches. A `data_collator` given to the trainer decides "
-        "for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off)."})
+        "call per row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL, "
+        "Qwen2.5-VL and Qwen3-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or "
+        "other multimodal RoPE (Qwen3-VL-MoE, GLM-4V, ...) fall back to padded batches. A `data_collator` given to "
+        "the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off)."})
     cast_lora_inputs: bool = field(default=False, metadata={
         "help": "Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 "
         "autocast the LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it "

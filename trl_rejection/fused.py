@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.17,<6")
 """transformers versions whose patched classes compute what `_rms_norm` / `_silu_mul` compute."""
-RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3VLTextRMSNorm")
 """Classes whose `forward(hidden_states)` is `weight * normalize_fp32(hidden_states).to(dtype)`."""
-SILU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+SILU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen3VLTextMLP")
 """Classes whose `forward(x)` is `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
 
 
