@@ -79,7 +79,7 @@ def test_varlen_attention_matches_per_sequence_sdpa_with_gqa():
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "qwen3-vl", "llama3-text"])
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "qwen3-vl", "gemma3", "llama3-text"])
 def test_use_varlen_attention_switches_the_language_model_only(family):
     """The language model's modules read `"sdpa_varlen"`, the vision tower's keep `"sdpa"`; a model on another
     attention (eager) is left as it is."""
@@ -97,7 +97,12 @@ def test_use_varlen_attention_switches_the_language_model_only(family):
     assert False in attn or family == "llama3-text"  # the VLMs' vision towers were looked at
     eager = make_model(family, make_processor(family))
     eager.set_attn_implementation("eager")
-    assert not use_varlen_attention(eager) and eager.config.get_text_config()._attn_implementation == "eager"
+    if family == "gemma3":  # transformers' packed masks get its image blocks wrong: an error, not a silent mask
+        with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+            use_varlen_attention(eager)
+    else:
+        assert not use_varlen_attention(eager)
+    assert eager.config.get_text_config()._attn_implementation == "eager"
 
 
 def _fake_flash_kernel(calls):
@@ -187,17 +192,19 @@ def test_padding_free_loss_and_grads_equal_padded(family):
         assert float((grad - ref_grad).norm() / ref_grad.norm()) < 1e-5, attn
 
 
-@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2-vl", "qwen3-vl", "gemma3"])
 def test_trainer_padding_free_step_equals_padded_step(tmp_path, family, monkeypatch):
+    """Gemma 3's packed batches carry `image_block_ids`, with which `"sdpa_varlen"` rebuilds its image-token mask."""
     proc = make_processor(family)
     data = datasets.Dataset.from_list(rows(8))
     logs = {}
-    position_rows = []
+    position_rows, image_blocks = [], []
     real = mrope_packed_inputs
 
     def spy(module, inputs):
         out = real(module, inputs)
         position_rows.append(out["position_ids"].shape[0])
+        image_blocks.append(int((out["image_block_ids"] >= 0).sum()) if "image_block_ids" in out else None)
         return out
 
     monkeypatch.setattr(trainer_module, "mrope_packed_inputs", spy)
@@ -212,6 +219,7 @@ def test_trainer_padding_free_step_equals_padded_step(tmp_path, family, monkeypa
         trainer.train()
         logs[free] = [h for h in trainer.state.log_history if "loss" in h]
     assert position_rows == [4 if family.startswith("qwen") else 1] * 2  # the packed steps got 3-D RoPE positions
+    assert image_blocks == ([4 * 4] * 2 if family == "gemma3" else [None] * 2)  # 4 rows, 4 image tokens each
     assert any("loss_refusal" in h for h in logs[True])
     for a, b in zip(logs[True], logs[False]):  # bf16 autocast on CPU: same tokens, same order, same values
         assert a.keys() == b.keys()
@@ -220,12 +228,21 @@ def test_trainer_padding_free_step_equals_padded_step(tmp_path, family, monkeypa
         assert a["refusal_tokens"] == b["refusal_tokens"] and a["normal_tokens"] == b["normal_tokens"]
 
 
+def eager_gemma3(proc):
+    model = make_model("gemma3", proc)
+    model.set_attn_implementation("eager")
+    return model
+
+
 def test_models_with_token_type_masks_fall_back_to_padded_batches(tmp_path):
+    """Gemma 3 packs with SDPA only (`"sdpa_varlen"` rebuilds its image-token mask); with eager it trains padded."""
     proc = make_processor("gemma3")
     args = RejectionSFTConfig(str(tmp_path), use_cpu=True, report_to="none", max_steps=1, dataloader_num_workers=0)
-    trainer = RejectionSFTTrainer(make_model("gemma3", proc), args=args, train_dataset=datasets.Dataset.from_list(
-        rows(4)), processing_class=proc)
+    data = datasets.Dataset.from_list(rows(4))
+    trainer = RejectionSFTTrainer(eager_gemma3(proc), args=args, train_dataset=data, processing_class=proc)
     assert args.padding_free and not trainer.padding_free and not trainer.data_collator.padding_free
+    trainer = RejectionSFTTrainer(make_model("gemma3", proc), args=args, train_dataset=data, processing_class=proc)
+    assert trainer.padding_free and trainer.model.config.get_text_config()._attn_implementation == "sdpa_varlen"
 
 
 def test_a_given_collator_decides_padding_free(tmp_path):
@@ -244,7 +261,7 @@ def test_a_given_collator_decides_padding_free(tmp_path):
     assert not plain.padding_free and plain.model.config.get_text_config()._attn_implementation == "sdpa"
     gemma = make_processor("gemma3")
     with pytest.raises(ValueError, match="cannot keep packed rows apart"):
-        RejectionSFTTrainer(make_model("gemma3", gemma), args=args, train_dataset=data, processing_class=gemma,
+        RejectionSFTTrainer(eager_gemma3(gemma), args=args, train_dataset=data, processing_class=gemma,
                             data_collator=RejectionDataCollator(gemma, padding_free=True))
 
 

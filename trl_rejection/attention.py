@@ -6,6 +6,20 @@ only, through PyTorch's flash-attention varlen kernel (`torch.nn.attention.varle
 causal SDPA call per sequence elsewhere; for any other batch (padded, generation with a cache) it is transformers'
 own SDPA, mask included. `use_varlen_attention` switches a model's language model to it with
 `PreTrainedModel.set_attn_implementation` (the vision tower keeps its own attention).
+
+Inside each packed sequence it attends as the padded model does:
+
+- a layer's `sliding_window` (Gemma 3's local layers, Mistral-style models) is kept: a token sees the last
+  `sliding_window` tokens of its row, itself included;
+- with `image_block_ids` (Gemma 3 batches from `RejectionDataCollator`, see `trl_rejection.packing.image_block_ids`)
+  the tokens of one image also attend to each other in both directions, the rest stays causal. Such sequences run
+  one SDPA call each with their exact boolean mask (built once per batch and layer kind), the others stay causal.
+
+Example:
+    >>> use_varlen_attention(model)  # doctest: +SKIP
+    True
+    >>> packed = RejectionDataCollator(processor, padding_free=True)(rows)  # doctest: +SKIP
+    >>> loss = model(**packed).loss  # the padded batch's loss  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ import os
 from typing import Any
 
 import torch
+
+from .packing import IMAGE_BLOCK_PACKABLE
 
 VARLEN_ATTENTION = "sdpa_varlen"
 
@@ -30,6 +46,7 @@ def _load_varlen_attn():
 
 _VARLEN_ATTN, _VARLEN_PARAMS = _load_varlen_attn()
 _CU_CACHE: dict[str, Any] = {"key": None, "value": None}
+_MASK_CACHE: dict[str, Any] = {"key": None, "images": [], "masks": {}}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -67,15 +84,20 @@ def flash_input_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return next((t.dtype for t in (query, key, value) if t.dtype in _HALF), None)
 
 
-def _flash_varlen(query, key, value, cu, max_len, scaling):
+def _flash_mask_kwargs(window: int | None) -> dict[str, Any] | None:
+    """The kernel's causal (and sliding-window) arguments; None if this torch's kernel has no window argument."""
+    if window is None and "is_causal" in _VARLEN_PARAMS:
+        return {"is_causal": True}
+    if "window_size" in _VARLEN_PARAMS:  # causal in torch >= 2.12: (left, right) tokens around the query
+        return {"window_size": (-1 if window is None else window - 1, 0)}
+    return None
+
+
+def _flash_varlen(query, key, value, cu, max_len, scaling, mask_kwargs):
     dtype = flash_input_dtype(query, key, value)
     out_dtype = query.dtype
     query, key, value = (t.to(dtype) for t in (query, key, value))
-    kwargs: dict[str, Any] = {}
-    if "is_causal" in _VARLEN_PARAMS:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)  # causal in torch >= 2.12
+    kwargs: dict[str, Any] = dict(mask_kwargs)
     if scaling is not None:
         if "scale" in _VARLEN_PARAMS:
             kwargs["scale"] = scaling
@@ -88,12 +110,49 @@ def _flash_varlen(query, key, value, cu, max_len, scaling):
     return out[None] if torch.is_autocast_enabled(out.device.type) else out[None].to(out_dtype)
 
 
-def _loop_varlen(query, key, value, cu, scaling):
+def _rows_with_images(cu: torch.Tensor, blocks: torch.Tensor | None) -> list[bool]:
+    """Which packed sequences hold image tokens (`blocks >= 0`), once per batch: the tensor objects are the key of
+    this and of `_row_masks`' cache (one host copy of `blocks`)."""
+    key = _MASK_CACHE["key"]
+    if key is None or key[0] is not cu or key[1] is not blocks:
+        bounds = _boundaries(cu)
+        host = None if blocks is None else blocks[0].cpu() >= 0
+        _MASK_CACHE["key"], _MASK_CACHE["masks"] = (cu, blocks), {}
+        _MASK_CACHE["images"] = [host is not None and bool(host[s:e].any()) for s, e in zip(bounds[:-1], bounds[1:])]
+    return _MASK_CACHE["images"]
+
+
+def _row_mask(blocks: torch.Tensor, window: int | None) -> torch.Tensor:
+    """One sequence's boolean mask (True: attend): causal or same image (`blocks`, -1 for text), within `window`."""
+    idx = torch.arange(blocks.shape[0], device=blocks.device)
+    mask = (idx[None, :] <= idx[:, None]) | (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    if window is not None:
+        mask &= idx[None, :] > idx[:, None] - window
+    return mask
+
+
+def _row_masks(cu: torch.Tensor, blocks: torch.Tensor | None, window: int | None,
+               device: torch.device) -> list[torch.Tensor | None]:
+    """Each sequence's `_row_mask`, or None where it is plain causal (no image, not longer than `window`: SDPA's
+    `is_causal` then); built once per batch and window."""
+    images = _rows_with_images(cu, blocks)
+    cache = _MASK_CACHE["masks"]
+    if window not in cache:
+        bounds = _boundaries(cu)
+        if blocks is None:
+            blocks = torch.full((1, bounds[-1]), -1, device=device)
+        cache[window] = [_row_mask(blocks[0, s:e].to(device), window) if image or window is not None and e - s > window
+                         else None for image, s, e in zip(images, bounds[:-1], bounds[1:])]
+    return cache[window]
+
+
+def _loop_varlen(query, key, value, cu, scaling, masks=None):
     bounds = _boundaries(cu)
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    masks = masks or [None] * len(sizes)
     # `split`, not slicing: the backward of a split is one concatenation, that of n slices n full-size buffers
-    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-            for q, k, v in zip(*(t.split(sizes, dim=2) for t in (query, key, value))) if q.shape[2]]
+    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None, scale=scaling)
+            for (q, k, v), m in zip(zip(*(t.split(sizes, dim=2) for t in (query, key, value))), masks) if q.shape[2]]
     return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
@@ -101,7 +160,12 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
                                   value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                                   scaling: float | None = None, is_causal: bool | None = None,
                                   **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function: causal attention within each packed sequence, else plain SDPA."""
+    """transformers attention function: causal attention within each packed sequence, else plain SDPA.
+
+    On packed batches, `kwargs` may carry the layer's `sliding_window` (transformers passes it) and the batch's
+    `image_block_ids` (Gemma 3; the model passes inputs it does not know down to its attention): see the module
+    docstring. Sequences with images run through per-sequence SDPA with their mask, also on CUDA.
+    """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
@@ -120,10 +184,17 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if varlen_backend(query.device) == "flash" and flash_input_dtype(query, key, value) is not None:
-        max_len = kwargs.get("max_length_q") or int(cu.diff().max())
-        return _flash_varlen(query, key, value, cu, int(max_len), scaling), None
-    return _loop_varlen(query, key, value, cu, scaling), None
+    max_len = int(kwargs.get("max_length_q") or cu.diff().max())
+    window = kwargs.get("sliding_window")
+    window = window if window is not None and window < max_len else None  # no longer sequence: plain causal
+    blocks = kwargs.get("image_block_ids")
+    images = blocks is not None and any(_rows_with_images(cu, blocks))
+    flash_kwargs = _flash_mask_kwargs(window)
+    if not images and flash_kwargs is not None and varlen_backend(query.device) == "flash" \
+            and flash_input_dtype(query, key, value) is not None:
+        return _flash_varlen(query, key, value, cu, max_len, scaling, flash_kwargs), None
+    masks = _row_masks(cu, blocks, window, query.device) if images or window is not None else None
+    return _loop_varlen(query, key, value, cu, scaling, masks), None
 
 
 def _varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
@@ -162,12 +233,17 @@ def use_varlen_attention(model: Any) -> bool:
     One `model.set_attn_implementation` call, addressed to the text sub-config of a composite model (e.g.
     `{"text_config": "sdpa_varlen"}`), so the vision tower keeps its attention. Flash-attention implementations
     already read `cu_seq_lens_*`; eager and flex attention build a block-diagonal mask from the packed
-    `position_ids` (correct, slower), so they are left alone.
+    `position_ids` (correct, slower), so they are left alone - except for Gemma 3, whose image-token mask
+    transformers gets wrong in packed batches (`trl_rejection.packing.IMAGE_BLOCK_PACKABLE`): a `ValueError` then.
     """
     config = model.config
     text = config.get_text_config()
     path = _sub_config_path(config, text)
     if text._attn_implementation not in ("sdpa", VARLEN_ATTENTION) or path is None:
+        if config.model_type in IMAGE_BLOCK_PACKABLE:
+            raise ValueError(f"Padding-free {config.model_type} batches need attn_implementation='sdpa' (switched to "
+                             f"{VARLEN_ATTENTION!r} for the image-token mask), not {text._attn_implementation!r}. "
+                             "Fix: load the model with attn_implementation='sdpa', or set padding_free=False.")
         return False
     request: str | dict[str, Any] = register_varlen_attention()
     for key in reversed(path):

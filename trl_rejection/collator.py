@@ -23,7 +23,7 @@ import torch
 from transformers.data.data_collator import DataCollatorMixin
 
 from .constants import DEFAULT_REFUSAL, IGNORE_INDEX
-from .packing import pack_padded_batch
+from .packing import image_block_ids, marks_image_blocks, pack_padded_batch
 from .processing import tokenizer_of
 from .spans import TurnSpan, message_text, render_with_spans
 
@@ -78,7 +78,9 @@ class RejectionDataCollator(DataCollatorMixin):
         padding_free (`bool`, *optional*, defaults to `False`):
             Concatenate the batch's rows into one row without padding (`position_ids` restarting per row,
             `cu_seq_lens_q/k`, `max_length_q/k`, no `attention_mask`; see `trl_rejection.packing`). The model must
-            keep rows apart: `RejectionSFTTrainer` switches SDPA models to its `"sdpa_varlen"` attention.
+            keep rows apart: `RejectionSFTTrainer` switches SDPA models to its `"sdpa_varlen"` attention. Gemma 3
+            batches also get `image_block_ids` (`trl_rejection.packing.image_block_ids`, from the packed
+            `token_type_ids`), with which that attention lets each image's tokens attend to each other.
         return_tensors (`str`, *optional*, defaults to `"pt"`):
             Only `"pt"` (PyTorch tensors) is supported.
     """
@@ -127,6 +129,8 @@ class RejectionDataCollator(DataCollatorMixin):
             batch, _ = self._collate(kept)
         if self.padding_free:
             batch = pack_padded_batch(batch, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+            if "token_type_ids" in batch and marks_image_blocks(self.processing_class):
+                batch["image_block_ids"] = image_block_ids(batch["token_type_ids"], batch["cu_seq_lens_q"])
         return batch
 
     def _collate(self, examples: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[int] | None]:

@@ -2,11 +2,15 @@
 
 - `pack_padded_batch` turns a right-padded collated batch into one row of concatenated sequences (no padding) with
   `position_ids` restarting at 0 for each sequence and flash-attention-style `cu_seq_lens_q/k`, `max_length_q/k`.
-- `padding_free_supported` says whether a model computes the same thing on such a batch (1-D RoPE, no token-type
-  mask); Qwen2-VL, Qwen2.5-VL and Qwen3-VL models get their per-row 3-D RoPE positions from `mrope_packed_inputs`.
+- `padding_free_supported` says whether a model computes the same thing on such a batch (1-D RoPE, or a
+  token-type mask the attention can rebuild); Qwen2-VL, Qwen2.5-VL and Qwen3-VL models get their per-row 3-D RoPE
+  positions from `mrope_packed_inputs`.
+- `image_block_ids` marks, in a packed batch of a Gemma 3 model, the tokens of each image, which attend to each other
+  bidirectionally (the collator adds it as the batch's `image_block_ids`).
 - `token_row_index` maps each token of a packed batch back to its row.
 
-The attention that keeps packed rows apart for SDPA models is in `trl_rejection.attention`.
+The attention that keeps packed rows apart for SDPA models (and rebuilds Gemma 3's image blocks and sliding windows
+inside each row) is in `trl_rejection.attention`.
 
 Example:
     >>> import torch
@@ -28,8 +32,15 @@ from .constants import IGNORE_INDEX
 
 # Models whose positions are not 1-D (multimodal RoPE) or whose mask depends on token types (bidirectional image
 # blocks): concatenating rows with restarting 1-D position_ids would change what they compute.
-_NOT_PACKABLE = ("qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3", "gemma3n", "paligemma", "mllama",
+_NOT_PACKABLE = ("qwen3_vl_moe", "glm4v", "glm4v_moe", "gemma3n", "paligemma", "mllama",
                  "qwen2_5_omni", "qwen3_omni_moe", "kimi_vl")
+# Models whose image tokens attend to the other tokens of their image bidirectionally (a mask built from
+# `token_type_ids`), packed with `image_block_ids`: only the `"sdpa_varlen"` attention rebuilds that mask per row
+# (transformers' own packed masks index the image blocks by per-row position on sliding-window layers, so eager and
+# flex attention get other masks than the padded batch's).
+IMAGE_BLOCK_PACKABLE = ("gemma3",)
+# Processors whose `token_type_ids` mark those image tokens (1) among text tokens (0).
+_IMAGE_BLOCK_PROCESSORS = ("Gemma3Processor",)
 # Multimodal-RoPE models packed with per-row 3-D positions (`mrope_packed_inputs`): their text model reads
 # `[4, 1, tokens]` position ids, text positions first. Qwen3-VL's deepstack features need nothing more: the model adds
 # them at the image tokens of whatever sequence it is given, in image order, which packing keeps.
@@ -37,12 +48,21 @@ _MROPE_PACKABLE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def padding_free_supported(config: Any) -> tuple[bool, str]:
-    """Whether rows of this model can be concatenated into one sequence; the reason when not."""
+    """Whether rows of this model can be concatenated into one sequence; the reason when not.
+
+    Gemma 3 can, with SDPA (which the trainer switches to `"sdpa_varlen"`): a config whose language model is set to
+    another attention (eager, flex, flash) cannot. A config loaded by name has no attention set yet; if the model then
+    loads with another one, `trl_rejection.attention.use_varlen_attention` raises.
+    """
     types = {getattr(config, "model_type", None)}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     types.add(getattr(text, "model_type", None))
     if types & set(_NOT_PACKABLE):
         return False, f"model type {sorted(t for t in types if t)} uses multimodal RoPE or a token-type mask"
+    attn = getattr(text, "_attn_implementation", None)
+    if types & set(IMAGE_BLOCK_PACKABLE) and attn not in (None, "sdpa", "sdpa_varlen"):
+        return False, (f"Gemma 3's image-token mask in packed batches needs attn_implementation='sdpa' (switched to "
+                       f"'sdpa_varlen'), not {attn!r}")
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("rope_type") == "mrope") \
             and not types & set(_MROPE_PACKABLE):
@@ -125,6 +145,30 @@ def pack_padded_batch(batch: dict[str, Any], pad_token_id: int,
     out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
     out["max_length_q"] = out["max_length_k"] = max(seq_lens)
     return out
+
+
+def marks_image_blocks(processing_class: Any) -> bool:
+    """Whether this processor's `token_type_ids` mark image tokens that attend bidirectionally (Gemma 3's)."""
+    return any(cls.__name__ in _IMAGE_BLOCK_PROCESSORS for cls in type(processing_class).__mro__)
+
+
+def image_block_ids(token_type_ids: torch.Tensor, cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """For a packed batch, `-1` at text tokens and a number per image (counted over the batch) at image tokens.
+
+    An image is a run of consecutive tokens with `token_type_ids == 1` within one row (`cu_seq_lens` boundaries):
+    Gemma 3's image blocks, each read as transformers' `get_block_sequence_ids_for_mask` reads them in a padded row.
+    Inside a row, tokens of one image attend to each other in both directions.
+
+    Example:
+        >>> image_block_ids(torch.tensor([[0, 1, 1, 0, 1, 1, 1, 1]]), torch.tensor([0, 5, 6, 8])).tolist()
+        [[-1, 0, 0, -1, 1, 2, 3, 3]]
+    """
+    is_image = token_type_ids == 1
+    row_starts = torch.zeros_like(is_image)
+    row_starts[:, cu_seq_lens[:-1].to(torch.long)] = True
+    previous = torch.nn.functional.pad(is_image, (1, 0))[:, :-1] & ~row_starts
+    starts = is_image & ~previous
+    return torch.where(is_image, starts.cumsum(-1) - 1, -1)
 
 
 def token_row_index(inputs: dict[str, Any], shape: torch.Size) -> torch.Tensor | None:

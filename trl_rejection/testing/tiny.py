@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import transformers
 from transformers.utils import is_torchvision_available
@@ -84,8 +86,11 @@ def make_processor(family: str):
     return tokenizer
 
 
-def make_model(family: str, processor=None, seed: int = 0):
+def make_model(family: str, processor=None, seed: int = 0, text_kwargs: dict[str, Any] | None = None):
     """A tiny random-weight model for `family` whose vocabulary and image-token ids match `processor`.
+
+    `text_kwargs` override the language model's config (e.g. `{"sliding_window": 8}`: Gemma 3's tiny model has a
+    sliding-window layer, then a full-attention one, and a 64-token window by default).
 
     Example:
         >>> from PIL import Image
@@ -102,6 +107,10 @@ def make_model(family: str, processor=None, seed: int = 0):
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                 bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])  # fmt: skip
+    if family == "gemma3":
+        text.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                    layer_types=["sliding_attention", "full_attention"])
+    text.update(text_kwargs or {})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
     if family in ("llava-1.5", "llava-next"):
         kwargs = dict(vision_config=transformers.CLIPVisionConfig(image_size=28, projection_dim=32, **vision),
@@ -144,8 +153,7 @@ def make_model(family: str, processor=None, seed: int = 0):
         model_class = transformers.Idefics3ForConditionalGeneration
     elif family == "gemma3":
         config = transformers.Gemma3Config(
-            text_config=transformers.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                                                      **text),
+            text_config=transformers.Gemma3TextConfig(**text),
             vision_config=transformers.SiglipVisionConfig(image_size=56, **vision), mm_tokens_per_image=4,
             boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
             image_token_index=tokenizer.image_token_id,

@@ -1,0 +1,137 @@
+"""Padding-free Gemma 3 (CPU, fp32): packed batches attend exactly as padded ones - rows apart, causal, the tokens of
+one image bidirectionally, sliding-window layers within their window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from trl_rejection import attention
+from trl_rejection.attention import use_varlen_attention, varlen_sdpa_attention_forward
+from trl_rejection.collator import RejectionDataCollator
+from trl_rejection.constants import DEFAULT_REFUSAL
+from trl_rejection.packing import image_block_ids, padding_free_supported
+from trl_rejection.testing.tiny import make_model, make_processor
+
+IMAGES = [Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("RGB", (40, 24), (20, 90, 220))]
+WORDS = "the red square sits on a white background next to a small blue circle".split()
+
+
+def row(i: int, images: int, reply_words: int, refusal: bool = False) -> dict:
+    reply = DEFAULT_REFUSAL if refusal else " ".join(WORDS[j % len(WORDS)] for j in range(reply_words))
+    return {"id": str(i), "is_refusal": refusal, "images": IMAGES[:images], "messages": [
+        {"role": "user", "content": [{"type": "image", "text": None}] * images
+         + [{"type": "text", "text": " ".join(WORDS[: 3 + i])}]},
+        {"role": "assistant", "content": [{"type": "text", "text": reply}]}]}
+
+
+# rows with 1, 0, 2 and 1 images (one a refusal); and a batch of text-only rows
+IMAGE_ROWS = [row(0, 1, 30), row(1, 0, 12), row(2, 2, 20), row(3, 1, 0, refusal=True)]
+TEXT_ROWS = [row(0, 0, 35), row(1, 0, 3, refusal=True), row(2, 0, 18)]
+
+
+def loss_and_grads(batch: dict, window: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    proc = make_processor("gemma3")
+    model = make_model("gemma3", proc, seed=seed, text_kwargs={"sliding_window": window}).float().train()
+    assert model.config.text_config.layer_types == ["sliding_attention", "full_attention"]
+    if "cu_seq_lens_q" in batch:
+        assert use_varlen_attention(model)
+    loss = model(**{k: v for k, v in batch.items() if k != "is_refusal"}, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def close(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], tol: float = 1e-5) -> bool:
+    return abs(float(a[0] - b[0])) < tol and float((a[1] - b[1]).norm() / b[1].norm()) < tol
+
+
+@pytest.fixture(scope="module")
+def batches() -> dict[str, tuple[dict, dict]]:
+    proc = make_processor("gemma3")
+    return {name: (RejectionDataCollator(proc)(data), RejectionDataCollator(proc, padding_free=True)(data))
+            for name, data in (("images", IMAGE_ROWS), ("text", TEXT_ROWS))}
+
+
+def test_packed_batches_carry_token_types_and_image_blocks(batches):
+    padded, packed = batches["images"]
+    real = padded["attention_mask"].bool()
+    assert "image_block_ids" not in padded
+    torch.testing.assert_close(packed["token_type_ids"][0], padded["token_type_ids"][real])
+    blocks = packed["image_block_ids"][0]
+    assert bool(((blocks >= 0) == (packed["token_type_ids"][0] == 1)).all())
+    assert blocks.max().item() + 1 == 4  # 1 + 0 + 2 + 1 images, each its own block
+    assert [int((blocks == b).sum()) for b in range(4)] == [4] * 4  # 4 image tokens each (the tiny processor)
+    assert "image_block_ids" in batches["text"][1] and bool((batches["text"][1]["image_block_ids"] == -1).all())
+    llava = make_processor("llava-1.5")
+    assert "image_block_ids" not in RejectionDataCollator(llava, padding_free=True)(IMAGE_ROWS[:1])
+
+
+def test_image_blocks_never_cross_rows():
+    types = torch.tensor([[1, 1, 1, 1, 0, 1]])
+    assert image_block_ids(types, torch.tensor([0, 2, 4, 6])).tolist() == [[0, 0, 1, 1, -1, 2]]
+
+
+@pytest.mark.parametrize("window", [1024, 64, 8])
+@pytest.mark.parametrize("data", ["images", "text"])
+def test_packed_loss_and_grads_equal_padded(batches, data, window):
+    """1024: longer than every row; 64: shorter than the longest rows; 8: shorter than an image's row span, so on the
+    sliding layer image tokens see their image's later tokens but not the text 8 tokens back."""
+    padded, packed = batches[data]
+    lengths = padded["attention_mask"].sum(1)
+    assert int(lengths.max()) > 64 and int(lengths.min()) > 8
+    ref = loss_and_grads(padded, window)
+    assert close(loss_and_grads(packed, window), ref)
+    if window < 1024:  # the window changes what the padded model computes: the test looks at it
+        assert not close(loss_and_grads(padded, 1024), ref)
+
+
+def test_deliberate_bugs_break_the_equality(batches, monkeypatch):
+    """The comparison above catches image tokens attending causally only, and rows attending to each other."""
+    padded, packed = batches["images"]
+    ref, real = loss_and_grads(padded, 8), attention._row_mask
+    with monkeypatch.context() as m:  # no bidirectional image blocks
+        m.setattr(attention, "_row_mask", lambda blocks, window: real(torch.full_like(blocks, -1), window))
+        assert not close(loss_and_grads(packed, 8), ref)
+    with monkeypatch.context() as m:  # one sequence: rows see the rows before them
+        total = packed["input_ids"].shape[1]
+        leaky = {**packed, "cu_seq_lens_q": torch.tensor([0, total], dtype=torch.int32),
+                 "max_length_q": total}
+        assert not close(loss_and_grads(leaky, 1024), loss_and_grads(padded, 1024))
+    assert close(loss_and_grads(packed, 8), ref)
+
+
+def test_varlen_attention_masks_match_the_padded_rule():
+    """Direct check against a mask built from the rule: same row & (causal | same image) & window, GQA included."""
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    lens, window = [7, 1, 10], 4
+    types = torch.tensor([[0, 1, 1, 1, 0, 1, 0] + [0] + [0, 0, 1, 1, 1, 1, 1, 0, 1, 1]])
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    blocks = image_block_ids(types, cu)
+    q = torch.randn(1, 4, sum(lens), 8, dtype=torch.float64)
+    k, v = torch.randn(1, 2, sum(lens), 8, dtype=torch.float64), torch.randn(1, 2, sum(lens), 8, dtype=torch.float64)
+    i = torch.arange(sum(lens))
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+    b = blocks[0]
+    for w in (None, window):
+        rule = (rows[:, None] == rows[None]) & ((i[None] <= i[:, None]) | (b[:, None] == b[None]) & (b[:, None] >= 0))
+        if w is not None:
+            rule &= i[None] > i[:, None] - w
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=rule, scale=0.3).transpose(1, 2)
+        out, _ = varlen_sdpa_attention_forward(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=10,
+                                               image_block_ids=blocks, sliding_window=w)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gemma3_packs_with_sdpa_only():
+    proc = make_processor("gemma3")
+    model = make_model("gemma3", proc)
+    assert padding_free_supported(model.config) == (True, "")
+    model.set_attn_implementation("eager")
+    supported, why = padding_free_supported(model.config)
+    assert not supported and "sdpa" in why
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        use_varlen_attention(model)
