@@ -37,6 +37,9 @@ Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for the
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
 resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's).
 
+PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
+GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
+
 SMALL=1: a CPU dry run of the harness (tiny model, gloo processes, `multi_cpu.yaml` for every 2-process config).
 """
 
@@ -59,6 +62,7 @@ SMALL = os.environ.get("SMALL") == "1"
 ROWS = int(os.environ.get("ROWS", "320"))
 WARM = int(os.environ.get("WARM", "3"))
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
+PROFILE = os.environ.get("PROFILE")  # e.g. "5-7": profile those steps (--profile_steps); their timing is then off
 RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation, extra recipe flags)
     "ref1": ("single_gpu", 1, 16, 2, ()), "ref1_b32": ("single_gpu", 1, 32, 1, ()),
     "ref1_rep": ("single_gpu", 1, 16, 2, ()), "ref1_rep2": ("single_gpu", 1, 16, 2, ()),
@@ -126,6 +130,8 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
            "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
            "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
            "--gradient_accumulation_steps", str(accumulation), *extra, *flags]
+    if PROFILE:
+        cmd += ["--profile_steps", PROFILE]
     if name.endswith("_ckpt"):
         cmd += ["--save_strategy", "steps", "--save_steps", "5"]
     if name.endswith("_resume"):
@@ -185,6 +191,9 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
         record.update(real_tok_s=(b["tokens_seen"] - a["tokens_seen"]) / (b["time_s"] - a["time_s"]),
                       step_s=(b["time_s"] - a["time_s"]) / (b["step"] - a["step"]), timed_steps=b["step"] - a["step"],
                       peak_gib=b["peak_gib"], tokens_seen=b["tokens_seen"])
+    profiles = sorted((WORK / "out" / name / "profile").glob("rank*.json"))
+    if profiles:
+        record["profile"] = [json.loads(path.read_text()) for path in profiles]
     if rc != 0:
         record["error_tail"] = "\n".join(line for line in text.splitlines()[-40:]
                                          if "Error" in line or "error" in line)[-1500:]

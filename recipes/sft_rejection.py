@@ -20,7 +20,7 @@ from typing import Literal
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
-from trl_rejection.callbacks import RecordingCollator, StepMetrics
+from trl_rejection.callbacks import RecordingCollator, StepMetrics, StepProfiler, parse_step_range
 from trl_rejection.constants import TINY_MODEL
 from trl_rejection.data import MixConfig, build_mix
 from trl_rejection.data.formats import load_dataset_location
@@ -31,7 +31,7 @@ from trl_rejection.hub import push_dataset, push_model
 from trl_rejection.io import check_work_dir
 from trl_rejection.model_card import model_card
 from trl_rejection.parsing import StrictTrlParser
-from trl_rejection.validation import check_dataclass, check_range, from_mapping, json_mapping
+from trl_rejection.validation import ConfigError, check_dataclass, check_range, from_mapping, json_mapping
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -59,10 +59,19 @@ class ScriptArguments:
     metrics_file: str | None = field(default=None, metadata={
         "help": "Append one JSON line per logged step (loss, split losses, seconds since the start of training "
                 "after a device sync, input tokens seen by all processes, peak GPU GiB of each process)."})
+    profile_steps: str | None = field(default=None, metadata={
+        "help": "Profile these optimizer steps (`first-last`, e.g. `5-7`) with torch.profiler in every process: "
+                "<output_dir>/profile/rank<N>.txt (top operators by GPU and CPU time) and rank<N>.json (seconds a "
+                "step, the share of it the GPU ran kernels, top kernels)."})
 
     def __post_init__(self) -> None:
         check_dataclass(self)
         check_range(self, "eval_max_new_tokens", lambda v: v >= 1, "a number of tokens >= 1")
+        if self.profile_steps is not None:
+            try:
+                parse_step_range(self.profile_steps)
+            except ValueError as e:
+                raise ConfigError("profile_steps", str(e), "give first-last optimizer steps, e.g. 5-7") from None
 
 
 def load_model(model_args: ModelConfig, training_args: RejectionSFTConfig, mix_build: str = "once"):
@@ -171,9 +180,13 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     dataset, mix_location = load_mix(script_args, training_args, mix)
     peft_config = lora_config(model_args)
     metrics = StepMetrics(Path(script_args.metrics_file)) if script_args.metrics_file else None
+    callbacks = [metrics] if metrics else []
+    if script_args.profile_steps:
+        callbacks.append(StepProfiler(*parse_step_range(script_args.profile_steps),
+                                      Path(training_args.output_dir) / "profile", training_args.process_index))
     trainer = RejectionSFTTrainer(model, args=training_args, train_dataset=dataset, processing_class=processor,
                                   peft_config=peft_config, quantization_config=get_quantization_config(model_args),
-                                  callbacks=[metrics] if metrics else None)
+                                  callbacks=callbacks or None)
     if metrics:
         metrics.trainer = trainer
     output_dir = Path(training_args.output_dir)

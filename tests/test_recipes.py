@@ -359,6 +359,7 @@ def test_real_configs_put_lora_on_the_language_model_and_train_the_projector(con
     (["--dataset_path", "./no_such_mix"], "not found"),
     (["--dataset_path", "src/med.json"], "is a file, not a save_to_disk folder"),
     (["--mix", json.dumps({"n_refusal": 3})], "n_refusal and n_normal go together"),
+    (["--profile_steps", "7-5"], "profile_steps: '7-5' is not a step range"),
 ])
 def test_bad_paths_and_mix_blocks_stop_before_any_model_is_built(args, message, tmp_path):
     (tmp_path / "src").mkdir()

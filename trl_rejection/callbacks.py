@@ -1,10 +1,13 @@
-"""Measurement hooks behind the training recipe's `--record_data_order` and `--metrics_file`: the row ids of every
-collated batch, and per logged step what a throughput or scaling table needs (bench/bench_scale.py reads both)."""
+"""Measurement hooks behind the training recipe's `--record_data_order`, `--metrics_file` and `--profile_steps`: the
+row ids of every collated batch, per logged step what a throughput or scaling table needs (bench/bench_scale.py reads
+both), and a profile of chosen optimizer steps."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +62,82 @@ class StepMetrics(TrainerCallback):
                   "world_size": args.world_size, **self.steps.get(state.global_step, {})}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def parse_step_range(text: str) -> tuple[int, int]:
+    """`"5-7"` -> (5, 7); `"5"` -> (5, 5). A `ValueError` unless 1 <= first <= last."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a step range such as 5-7")
+    span = int(match[1]), int(match[2] or match[1])
+    if not 1 <= span[0] <= span[1]:
+        raise ValueError(f"{text!r} is not a step range first-last with 1 <= first <= last")
+    return span
+
+
+def busy_fraction(intervals: list[tuple[float, float]], window: float) -> float | None:
+    """Share of `window` covered by the union of `intervals` (same unit); None without intervals."""
+    if not intervals or window <= 0:
+        return None
+    covered, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            covered += stop - max(start, end)
+            end = stop
+    return min(covered / window, 1.0)
+
+
+class StepProfiler(TrainerCallback):
+    """Trainer callback behind `--profile_steps first-last`: `torch.profiler` over those optimizer steps, in every
+    process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
+    `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels, the
+    top kernels in milliseconds per step)."""
+
+    def __init__(self, first: int, last: int, out_dir: Path, rank: int):
+        self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
+        self._stack: ExitStack | None = None
+        self._profiler: Any = None
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.first and self._stack is None:  # global_step counts finished steps
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            _sync()
+            self._stack = ExitStack()
+            self._profiler = self._stack.enter_context(profile(activities=activities))
+            self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stack is None or state.global_step != self.last:
+            return
+        _sync()
+        wall = time.perf_counter() - self._t0
+        self._stack.close()
+        self._stack = None
+        self._write(wall, self.last - self.first + 1)
+
+    def _write(self, wall: float, steps: int) -> None:
+        from torch.autograd import DeviceType
+
+        averages = self._profiler.key_averages()
+        gpu = [e for e in averages if e.self_device_time_total > 0]
+        kernels = [(e.time_range.start, e.time_range.end) for e in self._profiler.events()
+                   if e.device_type == DeviceType.CUDA]
+        top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:20]
+        summary = dict(rank=self.rank, steps=steps, step_s=wall / steps, gpu_busy=busy_fraction(kernels, wall * 1e6),
+                       top_gpu_ms_per_step=[(e.key, round(e.self_device_time_total / 1e3 / steps, 3), e.count // steps)
+                                            for e in top])
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+        if gpu:
+            tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
+        (self.out_dir / f"rank{self.rank}.txt").write_text(f"steps {self.first}-{self.last}, {wall / steps:.3f} s a "
+                                                           f"step\n\n" + "\n\n".join(tables) + "\n")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,48 @@
+"""`--profile_steps`: the step range, the GPU-busy share, and the files the profiler callback writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_rejection.callbacks import StepProfiler, busy_fraction, parse_step_range
+
+
+def test_step_ranges_parse_or_fail_with_what_is_wrong():
+    assert parse_step_range("5-7") == (5, 7) and parse_step_range("4") == (4, 4)
+    for bad in ("7-5", "0-2", "a-b", "5-", "-3", ""):
+        with pytest.raises(ValueError, match="step range"):
+            parse_step_range(bad)
+
+
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 20)), max_size=12), st.integers(1, 100))
+@settings(max_examples=200, deadline=None)
+def test_busy_fraction_is_the_covered_share_of_the_window(spans, window):
+    intervals = [(float(a), float(a + n)) for a, n in spans]
+    covered = {t for a, b in intervals for t in range(int(a), int(b))}  # unit cells [t, t+1) under some interval
+    expected = min(len(covered) / window, 1.0) if intervals else None
+    assert busy_fraction(intervals, float(window)) == pytest.approx(expected) if expected is not None \
+        else busy_fraction(intervals, float(window)) is None
+
+
+def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
+    from peft import LoraConfig
+
+    from test_trainer import LORA_TARGETS, config, mix
+    from trl_rejection.testing.tiny import make_model, make_processor
+    from trl_rejection.trainer import RejectionSFTTrainer
+
+    proc = make_processor("llava-1.5")
+    profiler = StepProfiler(2, 3, tmp_path / "profile", rank=0)
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, max_steps=4,
+                                  per_device_train_batch_size=2), train_dataset=mix(), processing_class=proc,
+                                  peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS), callbacks=[profiler])
+    trainer.train()
+    summary = json.loads((tmp_path / "profile" / "rank0.json").read_text())
+    assert summary["steps"] == 2 and summary["step_s"] > 0 and summary["rank"] == 0
+    assert summary["gpu_busy"] is None and summary["top_gpu_ms_per_step"] == []  # no GPU here
+    table = (tmp_path / "profile" / "rank0.txt").read_text()
+    assert table.startswith("steps 2-3,") and "aten::mm" in table
