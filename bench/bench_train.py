@@ -34,7 +34,10 @@ Environment knobs: BS (16), STEPS (14, of which WARM=3 untimed), WORKERS (8), LO
 SMALL=1 (tiny model on CPU: a dry run of the harness), OUT (folder for results, default /tmp), ROWS_SEED (0),
 MODEL ("llava-1.5"; "qwen2.5-vl": Qwen2.5-VL-7B's shape, images at up to 640x640 px, 28 px merged patches, the
 projector `merger` trained, model TFLOP/s counted with 7.07e9 language-model parameters; "qwen3-vl": Qwen3-VL-8B's
-shape, images at up to 640x640 px, 32 px merged patches, `merger` and the deepstack mergers trained, 7.57e9).
+shape, images at up to 640x640 px, 32 px merged patches, `merger` and the deepstack mergers trained, 7.57e9;
+"gemma3" / "gemma3-12b": Gemma-3-4B-it's / Gemma-3-12B-it's shape, 896x896 px images -> 256 image tokens that attend
+to each other bidirectionally, 5 sliding-window (1024) layers per full one, `multi_modal_projector` trained, 3.88e9 /
+11.77e9 with the tied LM head's matmul).
 
 Example:
     BS=16 STEPS=14 VARIANTS=check,stock,ours,ours_nofuse,ours_nofuse_padded python bench/bench_train.py
@@ -42,6 +45,7 @@ Example:
     SMALL=1 BS=4 STEPS=4 WARM=1 WORKERS=0 VARIANTS=check,stock,ours,ours_nofuse_grouped,collate \
         python bench/bench_train.py  # CPU dry run
     MODEL=qwen3-vl BS=16 VARIANTS=check,stock,ours,ours_padded python bench/bench_train.py  # Qwen3-VL-8B's shape
+    MODEL=gemma3 BS=16 VARIANTS=check,stock,ours,ours_padded python bench/bench_train.py  # Gemma-3-4B-it's shape
 """
 
 from __future__ import annotations
@@ -71,11 +75,17 @@ WORKERS = int(os.environ.get("WORKERS", "8"))
 LORA_DROPOUT = float(os.environ.get("LORA_DROPOUT", "0.05"))
 VARIANTS = os.environ.get("VARIANTS", "check,stock,ours").split(",")
 OUT = os.environ.get("OUT", "/tmp")
-MODEL = os.environ.get("MODEL", "llava-1.5")  # or "qwen2.5-vl" / "qwen3-vl": Qwen2.5-VL-7B's / Qwen3-VL-8B's shape
-# language-model parameters: Llama-2-7B; Qwen2.5-VL-7B's / Qwen3-VL-8B's decoder layers + LM head (no embeddings)
-N_LM = {"llava-1.5": 6.74e9, "qwen2.5-vl": 7.07e9, "qwen3-vl": 7.57e9}[MODEL]
+MODEL = os.environ.get("MODEL", "llava-1.5")  # or "qwen2.5-vl" / "qwen3-vl" / "gemma3" / "gemma3-12b"
+# language-model parameters: Llama-2-7B; the others' decoder layers + LM head (no embeddings; Gemma 3's head is tied)
+N_LM = {"llava-1.5": 6.74e9, "qwen2.5-vl": 7.07e9, "qwen3-vl": 7.57e9, "gemma3": 3.88e9, "gemma3-12b": 11.77e9}[MODEL]
 PROJECTOR = {"llava-1.5": ["multi_modal_projector"], "qwen2.5-vl": ["merger"],
-             "qwen3-vl": ["merger"] + [f"deepstack_merger_list.{i}" for i in range(2 if SMALL else 3)]}[MODEL]
+             "qwen3-vl": ["merger"] + [f"deepstack_merger_list.{i}" for i in range(2 if SMALL else 3)],
+             "gemma3": ["multi_modal_projector"], "gemma3-12b": ["multi_modal_projector"]}[MODEL]
+# google/gemma-3-4b-it's and gemma-3-12b-it's text_config (config.json; transformers' defaults give the 4B's heads)
+GEMMA3_TEXT = {"gemma3": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                              num_key_value_heads=4),
+               "gemma3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                  num_attention_heads=16, num_key_value_heads=8)}
 CUDA = torch.cuda.is_available() and not SMALL
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -98,6 +108,11 @@ def processor():
         hub["size"]["longest_edge"] = 640 * 640
         proc.image_processor = image_class(**hub)
         return proc
+    if MODEL.startswith("gemma3"):  # the Hub's image processing: 896x896 px, mean = std = 0.5, 256 image tokens
+        image_class = getattr(transformers, "Gemma3ImageProcessor" if CUDA else "Gemma3ImageProcessorPil")
+        tiny = make_processor("gemma3")
+        return transformers.Gemma3Processor(image_class(size={"height": 896, "width": 896}), tiny.tokenizer,
+                                            image_seq_length=256, chat_template=tiny.chat_template)
 
     tok = make_processor("llava-1.5").tokenizer  # Llama-2-style tokenizer, llava-hf special tokens, offline
     ip = transformers.CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
@@ -179,12 +194,34 @@ def qwen3_vl_config(proc, ids: dict) -> transformers.Qwen3VLConfig:
         attn_implementation="sdpa")
 
 
+def gemma3_config(proc, ids: dict) -> transformers.Gemma3Config:
+    """Gemma-3-4B-it's / Gemma-3-12B-it's config.json (or a tiny one with SMALL=1): a SigLIP-So400m tower at 896 px,
+    256 pooled image tokens, 5 local layers (1024-token sliding window) per global one, linear RoPE scaling 8."""
+    if SMALL:
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                    layer_types=["sliding_attention", "full_attention"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    else:
+        text = dict(**GEMMA3_TEXT[MODEL], head_dim=256, query_pre_attn_scalar=256, sliding_window=1024,
+                    rope_scaling={"factor": 8.0, "rope_type": "linear"})
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+    tok = proc.tokenizer
+    return transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(vocab_size=262208, **text, **ids),
+        vision_config=transformers.SiglipVisionConfig(image_size=896, patch_size=14, vision_use_head=False, **vision),
+        mm_tokens_per_image=256, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id, attn_implementation="sdpa")
+
+
 def build_model(proc):
     """The benchmark's model (`MODEL`) with random weights, in bf16 on the GPU."""
     tok = proc.tokenizer
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if MODEL == "qwen3-vl":
         cfg, model_class = qwen3_vl_config(proc, ids), transformers.Qwen3VLForConditionalGeneration
+    elif MODEL.startswith("gemma3"):
+        cfg, model_class = gemma3_config(proc, ids), transformers.Gemma3ForConditionalGeneration
     elif MODEL == "qwen2.5-vl":
         if SMALL:
             text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
