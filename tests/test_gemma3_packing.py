@@ -126,6 +126,47 @@ def test_varlen_attention_masks_match_the_padded_rule():
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_flash_kernel_gets_the_sliding_window(monkeypatch):
+    """Packed rows without images go to the varlen flash kernel with `window_size=(window - 1, 0)`: flash-attention's
+    (left, right) tokens around the query, as transformers' flash-attention integration passes a sliding window. A
+    stand-in kernel with those semantics gives what the per-row masks give; rows with images never reach it."""
+    calls = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), scale=None):
+        calls.append(window_size)
+        out = []
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            i = torch.arange(e - s)
+            keep = (i[None] <= i[:, None]) & ((i[None] >= i[:, None] - window_size[0]) | (window_size[0] < 0))
+            out.append(torch.nn.functional.scaled_dot_product_attention(
+                *(t[s:e].transpose(0, 1).double() for t in (q, k, v)), attn_mask=keep, scale=scale))
+        return torch.cat(out, 1).transpose(0, 1).to(q.dtype)
+
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", varlen_attn)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size": None, "scale": None})
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    lens = [9, 3, 12]
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(1, 2, sum(lens), 8).bfloat16() for _ in range(3))
+    text = torch.full((1, sum(lens)), -1)
+    for window, expected in ((4, (3, 0)), (None, (-1, 0))):
+        got = {}
+        for backend in ("flash", "loop"):
+            monkeypatch.setenv("TRL_REJECTION_VARLEN", backend)
+            got[backend], _ = varlen_sdpa_attention_forward(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu,
+                                                            max_length_q=12, image_block_ids=text,
+                                                            sliding_window=window)
+        assert calls[-1] == expected
+        torch.testing.assert_close(got["flash"].float(), got["loop"].float(), rtol=0, atol=2e-2)
+    monkeypatch.setenv("TRL_REJECTION_VARLEN", "flash")
+    images = text.clone()
+    images[0, 10:12] = 0
+    varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=12, image_block_ids=images)
+    assert len(calls) == 2
+
+
 def test_gemma3_packs_with_sdpa_only():
     proc = make_processor("gemma3")
     model = make_model("gemma3", proc)

@@ -141,8 +141,9 @@ def _row_masks(cu: torch.Tensor, blocks: torch.Tensor | None, window: int | None
         bounds = _boundaries(cu)
         if blocks is None:
             blocks = torch.full((1, bounds[-1]), -1, device=device)
-        cache[window] = [_row_mask(blocks[0, s:e].to(device), window) if image or window is not None and e - s > window
-                         else None for image, s, e in zip(images, bounds[:-1], bounds[1:])]
+        cache[window] = [_row_mask(blocks[0, s:e].to(device), window)
+                         if image or window is not None and e - s > window else None
+                         for image, s, e in zip(images, bounds[:-1], bounds[1:])]
     return cache[window]
 
 
@@ -151,8 +152,9 @@ def _loop_varlen(query, key, value, cu, scaling, masks=None):
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     masks = masks or [None] * len(sizes)
     # `split`, not slicing: the backward of a split is one concatenation, that of n slices n full-size buffers
-    outs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None, scale=scaling)
-            for (q, k, v), m in zip(zip(*(t.split(sizes, dim=2) for t in (query, key, value))), masks) if q.shape[2]]
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if m is None else m.to(q.device), is_causal=m is None, scale=scaling)  # device_map
+        for (q, k, v), m in zip(zip(*(t.split(sizes, dim=2) for t in (query, key, value))), masks) if q.shape[2]]
     return torch.cat(outs, 2).transpose(1, 2).contiguous()
 
 
