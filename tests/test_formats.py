@@ -3,6 +3,7 @@ and refuses the rest in one line; encodings; local paths vs Hub ids; and a fuzz 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -228,7 +229,7 @@ def _edit(records: list[Any], index: int, path: tuple, value: Any) -> None:
             return
         target = target[key]
     if settable(target, path[-1]):
-        target[path[-1]] = value
+        target[path[-1]] = copy.deepcopy(value)  # VALUES' lists and dicts are shared: a later edit must not change them
 
 
 def _corrupt(data: bytes, op: tuple) -> bytes:
