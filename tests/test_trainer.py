@@ -352,3 +352,20 @@ def test_qlora_leaves_the_fully_trained_modules_unquantized(tmp_path, monkeypatc
     assert should_convert_module("model.visual.deepstack_merger_list.1.linear_fc1", kept)
     assert not should_convert_module("vision_tower.encoder", kept)
     assert keep_trained_modules_unquantized(own, []) is own
+
+
+def test_a_gemma3_loaded_by_name_with_eager_attention_trains_padded(tmp_path, caplog):
+    """Gemma 3 packs with SDPA only: loaded from a directory with `attn_implementation="eager"` (the recipe's
+    `--attn_implementation eager`), the trainer falls back to padded batches with a warning naming the reason,
+    instead of failing when it switches the attention."""
+    proc = make_processor("gemma3")
+    make_model("gemma3", proc).save_pretrained(tmp_path / "gemma3")
+    proc.save_pretrained(tmp_path / "gemma3")
+    data = mix(images=False)
+    args = config(tmp_path, max_steps=1, model_init_kwargs={"attn_implementation": "eager"})
+    with caplog.at_level("WARNING"):
+        trainer = RejectionSFTTrainer(str(tmp_path / "gemma3"), args=args, train_dataset=data, processing_class=proc)
+    assert not trainer.padding_free and "needs attn_implementation='sdpa'" in caplog.text
+    args = config(tmp_path, max_steps=1, model_init_kwargs={"attn_implementation": "sdpa"})
+    assert RejectionSFTTrainer(str(tmp_path / "gemma3"), args=args, train_dataset=data,
+                               processing_class=proc).padding_free

@@ -85,8 +85,10 @@ class RejectionSFTConfig(SFTConfig):
             works for vision-language models and with SDPA: the trainer switches the language model's attention from
             `"sdpa"` to `"sdpa_varlen"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA call per
             row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL,
-            Qwen2.5-VL and Qwen3-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or
-            other multimodal RoPE (Qwen3-VL-MoE, GLM-4V, ...) fall back to padded batches. A `data_collator` given to
+            Qwen2.5-VL and Qwen3-VL rows get their own 3-D RoPE positions; Gemma 3 rows keep their bidirectional
+            image-token mask and sliding windows (SDPA only: with eager/flex attention Gemma 3 trains on padded
+            batches); other multimodal RoPE or token-type masks (Qwen3-VL-MoE, GLM-4V, PaliGemma, ...) fall back to
+            padded batches. A `data_collator` given to
             the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off).
         cast_lora_inputs (`bool`, *optional*, defaults to `False`):
             Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 autocast the
@@ -183,8 +185,10 @@ class RejectionSFTConfig(SFTConfig):
         "it works for vision-language models and with SDPA: the trainer switches the language model's attention "
         "from `\"sdpa\"` to `\"sdpa_varlen\"` (PyTorch's varlen flash-attention kernel on CUDA, one causal SDPA "
         "call per row elsewhere), so rows never attend to each other and the loss is the padded batch's. Qwen2-VL, "
-        "Qwen2.5-VL and Qwen3-VL rows get their own 3-D RoPE positions; models with token-type masks (Gemma 3) or "
-        "other multimodal RoPE (Qwen3-VL-MoE, GLM-4V, ...) fall back to padded batches. A `data_collator` given to "
+        "Qwen2.5-VL and Qwen3-VL rows get their own 3-D RoPE positions; Gemma 3 rows keep their bidirectional "
+        "image-token mask and sliding windows (SDPA only: with eager/flex attention Gemma 3 trains on padded "
+        "batches); other multimodal RoPE or token-type masks (Qwen3-VL-MoE, GLM-4V, PaliGemma, ...) fall back to "
+        "padded batches. A `data_collator` given to "
         "the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off)."})
     cast_lora_inputs: bool = field(default=False, metadata={
         "help": "Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 "

@@ -47,19 +47,20 @@ _IMAGE_BLOCK_PROCESSORS = ("Gemma3Processor",)
 _MROPE_PACKABLE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def padding_free_supported(config: Any) -> tuple[bool, str]:
+def padding_free_supported(config: Any, attn_implementation: str | None = None) -> tuple[bool, str]:
     """Whether rows of this model can be concatenated into one sequence; the reason when not.
 
     Gemma 3 can, with SDPA (which the trainer switches to `"sdpa_varlen"`): a config whose language model is set to
-    another attention (eager, flex, flash) cannot. A config loaded by name has no attention set yet; if the model then
-    loads with another one, `trl_rejection.attention.use_varlen_attention` raises.
+    another attention (eager, flex, flash) cannot. A config loaded by name has no attention set yet: pass the one the
+    model will be loaded with as `attn_implementation` (if it then loads with another one,
+    `trl_rejection.attention.use_varlen_attention` raises).
     """
     types = {getattr(config, "model_type", None)}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     types.add(getattr(text, "model_type", None))
     if types & set(_NOT_PACKABLE):
         return False, f"model type {sorted(t for t in types if t)} uses multimodal RoPE or a token-type mask"
-    attn = getattr(text, "_attn_implementation", None)
+    attn = attn_implementation or getattr(text, "_attn_implementation", None)
     if types & set(IMAGE_BLOCK_PACKABLE) and attn not in (None, "sdpa", "sdpa_varlen"):
         return False, (f"Gemma 3's image-token mask in packed batches needs attn_implementation='sdpa' (switched to "
                        f"'sdpa_varlen'), not {attn!r}")

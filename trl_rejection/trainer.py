@@ -46,7 +46,8 @@ from .split_loss import split_loss_sums
 logger = logging.getLogger(__name__)
 
 
-def _padding_free(args: RejectionSFTConfig, data_collator: Any, model_config: Any) -> bool:
+def _padding_free(args: RejectionSFTConfig, data_collator: Any, model_config: Any,
+                  attn_implementation: str | None = None) -> bool:
     """Whether this trainer's batches are padding-free: `args.padding_free` for the default collator, the flag a given
     `RejectionDataCollator` was built with, never for other collators; only for models that keep packed rows apart
     (a warning, or for a given packing collator an error, says why not)."""
@@ -58,7 +59,7 @@ def _padding_free(args: RejectionSFTConfig, data_collator: Any, model_config: An
     if data_collator is not None and wanted != args.padding_free:
         logger.warning("padding_free=%s is ignored: the given data_collator was built with padding_free=%s.",
                        args.padding_free, wanted)
-    supported, why = padding_free_supported(model_config)
+    supported, why = padding_free_supported(model_config, attn_implementation)
     if wanted and not supported and data_collator is not None:
         raise ValueError(f"The data_collator packs rows (padding_free=True) but this model cannot keep packed rows "
                          f"apart ({why}). Fix: build it with padding_free=False.")
@@ -176,7 +177,8 @@ class RejectionSFTTrainer(SFTTrainer):
             evals = {k: drop_empty_images(v, k) for k, v in evals.items()}
             if eval_dataset is not None:
                 eval_dataset = evals if isinstance(eval_dataset, dict) else evals["eval"]
-        padding_free = _padding_free(args, data_collator, model_config)
+        load_attn = (args.model_init_kwargs or {}).get("attn_implementation") if isinstance(model, str) else None
+        padding_free = _padding_free(args, data_collator, model_config, load_attn)
         if data_collator is None:
             data_collator = RejectionDataCollator(
                 processing_class, refusal_sentences=list(args.refusal_sentences),
