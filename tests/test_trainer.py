@@ -294,28 +294,41 @@ def test_checkpoints_resume_with_gradient_checkpointing(tmp_path):
 
 @pytest.mark.parametrize("keep_fp32", [True, False])
 def test_a_half_precision_model_trains_its_projector_in_fp32_under_mixed_precision(tmp_path, keep_fp32):
-    """A bf16 checkpoint under bf16 mixed precision (the paper config on one GPU or DDP): the trainable parameters are
-    float32 masters, so the projector's lr-2e-5 Adam steps move its weights; kept in bf16 (the option off), most of
-    those steps round away. The frozen base stays bf16."""
+    """A bf16 checkpoint under bf16 mixed precision (the paper config on one GPU or DDP): while training, the
+    trainable parameters are float32 masters, so the projector's lr-2e-5 Adam steps move its weights; kept in bf16
+    (the option off), most of those steps round away. After training the model is the checkpoint's dtype again
+    (the frozen base never leaves bf16), and generates."""
+    from transformers import TrainerCallback
+
+    from trl_rejection.generation import greedy_generate
+
     proc = make_processor("llava-1.5")
     model = make_model("llava-1.5", proc).to(torch.bfloat16)
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
     args = config(tmp_path, bf16=True, max_steps=1, learning_rate=2e-4, projector_lr=2e-5, max_grad_norm=0.0,
                   fp32_trainable_params=keep_fp32)
-    trainer = RejectionSFTTrainer(model, args=args, train_dataset=mix(), processing_class=proc, peft_config=peft)
-    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
-    projector = {n: p.detach().float().clone() for n, p in trainable.items()
-                 if "multi_modal_projector" in n and n.endswith("weight")}  # (zero-init biases move either way)
-    assert projector and {p.dtype for p in trainable.values()} == ({torch.float32} if keep_fp32 else
-                                                                   {torch.float32, torch.bfloat16})  # PEFT: fp32 LoRA
-    assert {trainable[n].dtype for n in projector} == {torch.float32 if keep_fp32 else torch.bfloat16}
-    assert {p.dtype for n, p in trainer.model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    seen = {}
+
+    class AtTrainEnd(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            seen.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    trainer = RejectionSFTTrainer(model, args=args, train_dataset=mix(), processing_class=proc, peft_config=peft,
+                                  callbacks=[AtTrainEnd()])
+    projector = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()
+                 if p.requires_grad and "multi_modal_projector" in n and n.endswith("weight")}  # (biases start at 0)
+    before = {n: p.dtype for n, p in trainer.model.named_parameters()}
     trainer.train()
-    moved = [(trainable[n].detach().float() != before).float().mean().item() for n, before in projector.items()]
+    assert projector and {seen[n].dtype for n in projector} == {torch.float32 if keep_fp32 else torch.bfloat16}
+    moved = [(seen[n].float() != w).float().mean().item() for n, w in projector.items()]
     if keep_fp32:
-        assert min(moved) > 0.99, moved
+        assert min(moved) > 0.99 and {p.dtype for p in seen.values()} == {torch.float32}, moved
     else:
         assert max(moved) < 0.5, moved
+    assert {n: p.dtype for n, p in trainer.model.named_parameters()} == before  # as it came: LoRA fp32, rest bf16
+    row = mix(n_normal=1, n_refusal=0)[0]
+    prompt = proc.apply_chat_template(row["messages"][:1], add_generation_prompt=True)
+    assert len(greedy_generate(trainer.model.eval(), proc, [prompt], [row["images"]], max_new_tokens=3)) == 1
 
 
 def test_qlora_leaves_the_fully_trained_modules_unquantized(tmp_path, monkeypatch):

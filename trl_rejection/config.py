@@ -97,9 +97,10 @@ class RejectionSFTConfig(SFTConfig):
         fp32_trainable_params (`bool`, *optional*, defaults to `True`):
             Keep every trainable parameter (LoRA adapters, the projector and other `modules_to_save`) in float32 when
             the model is loaded in bf16/fp16 and training runs in bf16/fp16 mixed precision, as FSDP and DeepSpeed do
-            with their fp32 master weights. The forward still runs in half precision under autocast, but optimizer
-            updates smaller than a half-precision step (the projector's lr 2e-5 on weights of ~1e-2) are no longer
-            rounded away. DeepSpeed keeps its own fp32 master copy and is left alone.
+            with their fp32 master weights, while `train` runs (then cast back to the checkpoint's dtype). The forward
+            still runs in half precision under autocast, but optimizer updates smaller than a half-precision step (the
+            projector's lr 2e-5 on weights of ~1e-2) are no longer rounded away. FSDP and DeepSpeed, which keep fp32
+            masters themselves, are left alone.
         fuse_elementwise_ops (`bool`, *optional*):
             Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) as
             `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`,
@@ -197,9 +198,10 @@ class RejectionSFTConfig(SFTConfig):
     fp32_trainable_params: bool = field(default=True, metadata={
         "help": "Keep every trainable parameter (LoRA adapters, the projector and other `modules_to_save`) in float32 "
         "when the model is loaded in bf16/fp16 and training runs in bf16/fp16 mixed precision, as FSDP and DeepSpeed "
-        "do with their fp32 master weights. The forward still runs in half precision under autocast, but optimizer "
-        "updates smaller than a half-precision step (the projector's lr 2e-5 on weights of ~1e-2) are no longer "
-        "rounded away. DeepSpeed keeps its own fp32 master copy and is left alone."})
+        "do with their fp32 master weights, while `train` runs (then cast back to the checkpoint's dtype). The forward "
+        "still runs in half precision under autocast, but optimizer updates smaller than a half-precision step (the "
+        "projector's lr 2e-5 on weights of ~1e-2) are no longer rounded away. FSDP and DeepSpeed, which keep fp32 "
+        "masters themselves, are left alone."})
     fuse_elementwise_ops: bool | None = field(default=None, metadata={
         "help": "Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) "
         "as `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`, "

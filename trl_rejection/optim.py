@@ -11,7 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,15 +40,20 @@ def split_projector_groups(groups: Sequence[dict[str, Any]], projector: set[int]
     return out
 
 
-def upcast_trainable_parameters(model: torch.nn.Module) -> list[str]:
-    """Cast every trainable half-precision parameter to float32 in place (the same `Parameter` objects, so an
-    optimizer that already holds them keeps working); returns their names."""
-    names = []
-    for name, param in model.named_parameters():
-        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
-            param.data = param.data.float()
-            names.append(name)
-    return names
+@contextlib.contextmanager
+def fp32_masters(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Inside the block, every trainable half-precision parameter of `model` is float32 (the same `Parameter`
+    objects, so an optimizer that holds them keeps working); after it, each is cast back to its own dtype, so the
+    model leaves as it came (generation and saving see the checkpoint's dtype). Yields the names cast."""
+    cast = [(name, param, param.dtype) for name, param in model.named_parameters()
+            if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16)]
+    for _, param, _ in cast:
+        param.data = param.data.float()
+    try:
+        yield [name for name, _, _ in cast]
+    finally:
+        for _, param, dtype in cast:
+            param.data = param.data.to(dtype)
 
 
 def keep_embeddings_32bit(optimizer_cls: type, optimizer_kwargs: dict[str, Any], model: torch.nn.Module) -> None:

@@ -36,7 +36,7 @@ from .data_wait import DataWaitMeter
 from .dataset_checks import check_dataset, drop_empty_images
 from .extras import keep_trained_modules_unquantized
 from .fused import fuse_elementwise_ops
-from .optim import keep_embeddings_32bit, projector_parameter_ids, split_projector_groups, upcast_trainable_parameters
+from .optim import fp32_masters, keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
 from .processing import is_vlm_processor
 from .sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
@@ -201,11 +201,6 @@ class RejectionSFTTrainer(SFTTrainer):
                          formatting_func=formatting_func)
         self.padding_free = padding_free
         self._split_sums: dict[str, list[float]] = {}
-        if args.fp32_trainable_params and self.accelerator.mixed_precision in ("bf16", "fp16") \
-                and not self.is_deepspeed_enabled:
-            if upcast := upcast_trainable_parameters(self.model):
-                logger.info("fp32_trainable_params: %d trainable half-precision parameters kept in float32 (e.g. %s).",
-                            len(upcast), upcast[0])
         if padding_free:
             use_varlen_attention(self.model)
         self._rope_module = rope_index_module(self.model) if padding_free else None
@@ -218,8 +213,22 @@ class RejectionSFTTrainer(SFTTrainer):
                                         workers=args.dataloader_num_workers)
 
     def train(self, *args, **kwargs):
-        with distributed.fsdp2_block_policy(self.accelerator):
+        with distributed.fsdp2_block_policy(self.accelerator), self._fp32_masters():
             return super().train(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _fp32_masters(self):
+        """`fp32_trainable_params`: fp32 masters of the trainable half-precision parameters while training, under
+        bf16/fp16 mixed precision; FSDP (accelerate upcasts them) and DeepSpeed (its own masters) are left alone."""
+        if not self.args.fp32_trainable_params or self.accelerator.mixed_precision not in ("bf16", "fp16") \
+                or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            yield
+            return
+        with fp32_masters(self.model) as cast:
+            if cast:
+                logger.info("fp32_trainable_params: %d trainable half-precision parameters trained as float32 "
+                            "(e.g. %s), cast back after training.", len(cast), cast[0])
+            yield
 
     def _lora_input_cast_context(self):
         """Skip PEFT's fp32 upcast of LoRA inputs while autocast runs the LoRA matmuls in half precision anyway."""
