@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -95,28 +94,27 @@ class StepProfiler(TrainerCallback):
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
         self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
-        self._stack: ExitStack | None = None
-        self._profiler: Any = None
+        self._profiler: Any = None  # running between the first step's begin and the last step's end
         self._t0 = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.first and self._stack is None:  # global_step counts finished steps
+        if state.global_step + 1 == self.first and self._profiler is None:  # global_step counts finished steps
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             _sync()
-            self._stack = ExitStack()
-            self._profiler = self._stack.enter_context(profile(activities=activities))
+            self._profiler = profile(activities=activities)
+            self._profiler.start()
             self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._stack is None or state.global_step != self.last:
+        if self._profiler is None or state.global_step != self.last:
             return
         _sync()
         wall = time.perf_counter() - self._t0
-        self._stack.close()
-        self._stack = None
+        self._profiler.stop()
         self._write(wall, self.last - self.first + 1)
+        self._profiler = None
 
     def _write(self, wall: float, steps: int) -> None:
         from torch.autograd import DeviceType
