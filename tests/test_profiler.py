@@ -46,3 +46,9 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     assert summary["gpu_busy"] is None and summary["top_gpu_ms_per_step"] == []  # no GPU here
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("steps 2-3,") and "aten::mm" in table
+    late = StepProfiler(3, 9, tmp_path / "late", rank=0)  # the run ends at step 4: steps 3-4 are written
+    trainer.callback_handler.add_callback(late)
+    trainer.callback_handler.remove_callback(profiler)
+    trainer.train()
+    assert json.loads((tmp_path / "late" / "rank0.json").read_text())["steps"] == 2
+    assert (tmp_path / "late" / "rank0.txt").read_text().startswith("steps 3-4,")

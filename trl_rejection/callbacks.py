@@ -108,17 +108,24 @@ class StepProfiler(TrainerCallback):
             self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._profiler is None or state.global_step != self.last:
-            return
+        if self._profiler is not None and state.global_step == self.last:
+            self._finish(self.last)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._profiler is not None:  # the run ended before the last profiled step: write the steps it ran
+            self._finish(state.global_step)
+
+    def _finish(self, last: int) -> None:
         _sync()
         wall = time.perf_counter() - self._t0
         self._profiler.stop()
-        self._write(wall, self.last - self.first + 1)
+        self._write(wall, last)
         self._profiler = None
 
-    def _write(self, wall: float, steps: int) -> None:
+    def _write(self, wall: float, last: int) -> None:
         from torch.autograd import DeviceType
 
+        steps = last - self.first + 1
         averages = self._profiler.key_averages()
         gpu = [e for e in averages if e.self_device_time_total > 0]
         kernels = [(e.time_range.start, e.time_range.end) for e in self._profiler.events()
@@ -132,7 +139,7 @@ class StepProfiler(TrainerCallback):
         tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
         if gpu:
             tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
-        (self.out_dir / f"rank{self.rank}.txt").write_text(f"steps {self.first}-{self.last}, {wall / steps:.3f} s a "
+        (self.out_dir / f"rank{self.rank}.txt").write_text(f"steps {self.first}-{last}, {wall / steps:.3f} s a "
                                                            f"step\n\n" + "\n\n".join(tables) + "\n")
 
 
