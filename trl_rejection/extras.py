@@ -36,8 +36,8 @@ def keep_trained_modules_unquantized(config: Any, modules: Sequence[str]) -> Any
     skip = list(skip) if skip is not None else ["lm_head"]
     # transformers matches skip patterns from the start of a module's full name ("model.multi_modal_projector..."),
     # PEFT's `modules_to_save` at the end: the pattern takes any prefix.
-    missing = [rf"(?:.*\.)?{re.escape(m)}" for m in modules if m not in skip]
-    missing = [m for m in missing if m not in skip]
+    patterns = [rf"(?:.*\.)?{re.escape(m)}" for m in modules if m not in skip]
+    missing = [p for p in patterns if p not in skip]
     if not missing:
         return config
     config = copy.deepcopy(config)
