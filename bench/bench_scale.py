@@ -29,13 +29,16 @@ Runs (global batch 32 each):
     ddp_unbalanced  ddp with --balance_micro_batches false (each GPU's 16 rows as a plain shuffle splits them)
     zero3_noleaf    zero3 with --zero3_leaf_modules false (DeepSpeed fetches every linear layer on its own)
     fsdp_keep       fsdp launched with --fsdp_reshard_after_forward false (blocks stay gathered from forward to backward)
+    fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
+                    gradient reduction in bf16)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
     ref1_b4         1 GPU, bf16 base, batch 4 x 8 (qlora's batch without quantization)
 Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for their losses, not their speed.
     ddp       multi_gpu.yaml, 2 processes x 16        zero2  zero2.yaml, 2 x 16
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
-resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's).
+resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's);
+`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory.
 
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
@@ -76,6 +79,7 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "zero3_noleaf": ("zero3", 2, 16, 1, ("--zero3_leaf_modules", "false")),
     "qlora": ("single_gpu", 1, 4, 8, ("--load_in_4bit", "true")), "ref1_b4": ("single_gpu", 1, 4, 8, ()),
     "fsdp_keep": ("fsdp", 2, 16, 1, ()),
+    "fsdp_accel": ("fsdp", 2, 16, 1, ("--fsdp_autocast_precision", "false")),
 }
 LAUNCH_FLAGS = {"fsdp_keep": ["--fsdp_reshard_after_forward", "false"]}  # accelerate launch options of a run
 
@@ -107,7 +111,7 @@ def prepare() -> None:
 
 
 def run_key(name: str) -> str:
-    return name.removesuffix("_ckpt").removesuffix("_resume")
+    return name.removesuffix("_prof").removesuffix("_ckpt").removesuffix("_resume")
 
 
 def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
@@ -130,8 +134,8 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
            "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
            "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
            "--gradient_accumulation_steps", str(accumulation), *extra, *flags]
-    if PROFILE:
-        cmd += ["--profile_steps", PROFILE]
+    if PROFILE or name.endswith("_prof"):
+        cmd += ["--profile_steps", PROFILE or "5-7"]
     if name.endswith("_ckpt"):
         cmd += ["--save_strategy", "steps", "--save_steps", "5"]
     if name.endswith("_resume"):
@@ -199,7 +203,7 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
                                          if "Error" in line or "error" in line)[-1500:]
     out = WORK / "out" / name
     if out.is_dir() and (WORK / "out" / "ref1").is_dir() and name != "ref1" and bs == 16 \
-            and not name.endswith(("_ckpt", "_resume")):
+            and not name.endswith(("_ckpt", "_resume", "_prof")):
         record["same_batches_as_ref1"] = sorted(map(sorted, batches(out))) == sorted(
             map(sorted, batches(WORK / "out" / "ref1")))
     log(record)

@@ -7,7 +7,8 @@ import sys
 import types
 from types import SimpleNamespace
 
-from trl_rejection.distributed import ZERO3_DEFAULTS, fsdp_layer_classes, setup_zero3, sharded_backend, without_zero3
+from trl_rejection.distributed import (ZERO3_DEFAULTS, fsdp_layer_classes, setup_fsdp_precision, setup_zero3,
+                                      sharded_backend, without_zero3)
 from trl_rejection.testing.tiny import make_model, make_processor
 
 
@@ -96,3 +97,65 @@ def test_generation_never_waits_for_other_processes(monkeypatch):
     out = greedy_generate(model, processor, [text], max_new_tokens=2)
     assert seen["synced_gpus"] is False and len(out) == 1
 
+
+
+def _fsdp_accelerator(version: int, mixed_precision: str) -> SimpleNamespace:
+    plugin = SimpleNamespace(fsdp_version=version, mixed_precision_policy="accelerate's")
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision)
+
+
+def test_fsdp_autocast_precision_keeps_block_inputs_and_outputs_and_reduces_in_fp32():
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    acc = _fsdp_accelerator(2, "bf16")
+    policy = setup_fsdp_precision(acc)
+    assert acc.state.fsdp_plugin.mixed_precision_policy is policy
+    assert policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=None,
+                                          cast_forward_inputs=False)
+    assert setup_fsdp_precision(_fsdp_accelerator(2, "fp16")).param_dtype == torch.float16
+    for acc, enabled in ((_fsdp_accelerator(2, "bf16"), False), (_fsdp_accelerator(1, "bf16"), True),
+                         (_fsdp_accelerator(2, "no"), True), (SimpleNamespace(state=SimpleNamespace(),
+                                                                             mixed_precision="bf16"), True)):
+        assert setup_fsdp_precision(acc, enabled) is None
+        assert getattr(acc.state, "fsdp_plugin", SimpleNamespace(mixed_precision_policy="accelerate's")) \
+            .mixed_precision_policy == "accelerate's"
+
+
+def test_fsdp2_with_the_autocast_policy_passes_float32_activations_through_blocks_unrounded(tmp_path):
+    """A real FSDP2 block (one gloo process): under accelerate's policy a float32 activation entering and leaving a
+    sharded block is rounded to bf16; under `setup_fsdp_precision`'s policy it stays float32, as under autocast."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    class Residual(torch.nn.Module):  # a pre-norm block's residual add: float32 stream + half-precision branch
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.linear(x)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        seen = {}
+        for name, policy in (("accelerate", MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                 reduce_dtype=torch.bfloat16,
+                                                                 output_dtype=torch.bfloat16)),
+                             ("ours", setup_fsdp_precision(_fsdp_accelerator(2, "bf16")))):
+            block = Residual()
+            block.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: args[0].dtype}))
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+            x = torch.randn(2, 8, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = block(x)
+            out.float().sum().backward()
+            seen[name] = (seen[name], out.dtype)
+            if name == "ours":
+                assert block.linear.weight.grad.dtype == torch.float32
+        assert seen == {"accelerate": (torch.bfloat16, torch.bfloat16), "ours": (torch.float32, torch.float32)}
+    finally:
+        dist.destroy_process_group()

@@ -59,6 +59,26 @@ def setup_fsdp_wrapping(accelerator: Any, model: torch.nn.Module) -> list[str] |
     return list(names)
 
 
+def setup_fsdp_precision(accelerator: Any, enabled: bool = True) -> Any:
+    """Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU (`fsdp_autocast_precision`).
+
+    accelerate's FSDP2 policy casts every sharded block's inputs and outputs to half precision and reduces gradients
+    in half precision. Under autocast on one GPU, activations that autocast keeps in float32 (the CLIP vision tower's
+    LayerNorm outputs, and so its residual stream) stay float32. This policy keeps the parameter cast (half-precision
+    all-gathers and matmuls) but neither casts block inputs nor outputs, and reduces gradients in float32. Returns
+    the `MixedPrecisionPolicy` set on the plugin (read when `Trainer.train` prepares the model), None if unchanged."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    if not enabled or plugin is None or getattr(plugin, "fsdp_version", 1) != 2 or half is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32,
+                                                         output_dtype=None, cast_forward_inputs=False)
+    logger.info("FSDP2 mixed precision: %s", plugin.mixed_precision_policy)
+    return plugin.mixed_precision_policy
+
+
 @contextlib.contextmanager
 def fsdp2_block_policy(accelerator: Any) -> Iterator[None]:
     """While `Trainer.train` prepares an FSDP2 model, keep the block wrap policy set by `setup_fsdp_wrapping`.

@@ -205,6 +205,7 @@ class RejectionSFTTrainer(SFTTrainer):
             use_varlen_attention(self.model)
         self._rope_module = rope_index_module(self.model) if padding_free else None
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
+        distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
