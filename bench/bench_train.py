@@ -31,6 +31,7 @@ Variants (VARIANTS, comma-separated):
     collate        no model: collator samples/s in this process (one worker), ours vs stock
 
 Environment knobs: BS (16), STEPS (14, of which WARM=3 untimed), WORKERS (8), LORA_DROPOUT (0.05), VARIANTS,
+PROFILE ("6-7": torch.profiler over those steps, tables in $OUT/profile-<MODEL>-<variant>/; skews tokens/s),
 SMALL=1 (tiny model on CPU: a dry run of the harness), OUT (folder for results, default /tmp), ROWS_SEED (0),
 MODEL ("llava-1.5"; "qwen2.5-vl": Qwen2.5-VL-7B's shape, images at up to 640x640 px, 28 px merged patches, the
 projector `merger` trained, model TFLOP/s counted with 7.07e9 language-model parameters; "qwen3-vl": Qwen3-VL-8B's
@@ -75,6 +76,7 @@ WORKERS = int(os.environ.get("WORKERS", "8"))
 LORA_DROPOUT = float(os.environ.get("LORA_DROPOUT", "0.05"))
 VARIANTS = os.environ.get("VARIANTS", "check,stock,ours").split(",")
 OUT = os.environ.get("OUT", "/tmp")
+PROFILE = os.environ.get("PROFILE")
 MODEL = os.environ.get("MODEL", "llava-1.5")  # or "qwen2.5-vl" / "qwen3-vl" / "gemma3" / "gemma3-12b"
 # language-model parameters: Llama-2-7B; the others' decoder layers + LM head (no embeddings; Gemma 3's head is tied)
 N_LM = {"llava-1.5": 6.74e9, "qwen2.5-vl": 7.07e9, "qwen3-vl": 7.57e9, "gemma3": 3.88e9, "gemma3-12b": 11.77e9}[MODEL]
@@ -311,16 +313,25 @@ def train_variant(name: str, proc, ds):
     peft = LoraConfig(r=128, lora_alpha=256, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=LORA_TARGETS,
                       modules_to_save=PROJECTOR)
     meter = Meter()
+    callbacks = [meter]
+    if PROFILE:  # e.g. "6-7": torch.profiler over those optimizer steps (their timing is then off)
+        from pathlib import Path
+
+        from trl_rejection.callbacks import StepProfiler
+
+        first, last = map(int, PROFILE.split("-"))
+        prof_dir = Path(OUT) / f"profile-{MODEL}-{name}"
+        callbacks.append(StepProfiler(first, last, prof_dir, rank=0))
     model = build_model(proc)
     with tempfile.TemporaryDirectory() as d:
         if ours:
             args = RejectionSFTConfig(d, **common, **extra)
             trainer = RejectionSFTTrainer(model, args=args, train_dataset=ds, processing_class=proc,
-                                          peft_config=peft, callbacks=[meter])
+                                          peft_config=peft, callbacks=callbacks)
         else:
             args = SFTConfig(d, **common)
             trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=proc, peft_config=peft,
-                                 callbacks=[meter])
+                                 callbacks=callbacks)
         meter.wrap(trainer)
         forward = trainer.model.get_base_model().forward  # TRL's add_fused_lm_head patches it (functools.wraps)
         fused = getattr(getattr(forward, "__func__", forward), "__code__", None)
@@ -344,6 +355,8 @@ def train_variant(name: str, proc, ds):
                   tflops_6N=6 * N_LM * real / dt / 1e12, attn=attn, fused_lm_head=fused,
                   padding_free=getattr(trainer, "padding_free", False) if ours else False,
                   total_train_s=total, losses=losses)
+    if PROFILE and (prof_dir / "rank0.json").exists():
+        result["profile"] = json.loads((prof_dir / "rank0.json").read_text())
     log(**result)
     return result
 
