@@ -29,6 +29,8 @@ Runs (global batch 32 each):
     ddp_unbalanced  ddp with --balance_micro_batches false (each GPU's 16 rows as a plain shuffle splits them)
     zero3_noleaf    zero3 with --zero3_leaf_modules false (DeepSpeed fetches every linear layer on its own)
     fsdp_keep       fsdp launched with --fsdp_reshard_after_forward false (blocks stay gathered from forward to backward)
+    fsdp_simple, zero3_simple   fsdp / zero3 with NCCL_PROTO=Simple (NCCL picks its low-latency protocol, LL, for
+                    the sharded configs' all-gathers on 2 GPUs)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
@@ -80,8 +82,10 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "qlora": ("single_gpu", 1, 4, 8, ("--load_in_4bit", "true")), "ref1_b4": ("single_gpu", 1, 4, 8, ()),
     "fsdp_keep": ("fsdp", 2, 16, 1, ()),
     "fsdp_accel": ("fsdp", 2, 16, 1, ("--fsdp_autocast_precision", "false")),
+    "fsdp_simple": ("fsdp", 2, 16, 1, ()), "zero3_simple": ("zero3", 2, 16, 1, ()),
 }
 LAUNCH_FLAGS = {"fsdp_keep": ["--fsdp_reshard_after_forward", "false"]}  # accelerate launch options of a run
+RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"}}  # environment of a run
 
 
 def log(record: dict) -> None:
@@ -155,8 +159,9 @@ def batches(out: Path) -> list[frozenset]:
 def start(name: str, gpu: int | None = None) -> subprocess.Popen:
     (WORK / "out").mkdir(parents=True, exist_ok=True)
     (WORK / "out" / f"{name}.metrics.jsonl").unlink(missing_ok=True)
+    env = {**os.environ, **RUN_ENV.get(run_key(name), {})}
     return subprocess.Popen(launch_cmd(name, gpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=WORK)
+                            cwd=WORK, env=env)
 
 
 def run_group(group: str) -> list[dict]:
@@ -184,7 +189,7 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     cfg, n, bs, accumulation, flags = RUNS[run_key(name)]
     record = dict(variant=name, config=cfg, processes=n, per_device_batch=bs, accumulation=accumulation, rc=rc,
-                  flags=list(flags), side_by_side=side_by_side,
+                  flags=list(flags), env=RUN_ENV.get(run_key(name), {}), side_by_side=side_by_side,
                   wall_s=round(wall, 1), steps=len(steps), losses=[s["loss"] for s in steps],
                   loss_refusal=[s.get("loss_refusal") for s in steps],
                   loss_normal=[s.get("loss_normal") for s in steps],

@@ -126,6 +126,34 @@ def test_varlen_attention_masks_match_the_padded_rule():
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_masked_rows_never_use_cudnn_attention(monkeypatch):
+    """cuDNN's SDPA builds an execution plan for every new sequence length (~1.7 ms of CPU a call on an H100): the
+    per-row masked calls run with it disabled, the same results; plain causal batches leave the backends alone."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["attn_mask"] is not None, torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setenv("TRL_REJECTION_VARLEN", "loop")
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    lens = [6, 5]
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(1, 2, sum(lens), 8) for _ in range(3))
+    blocks = torch.full((1, sum(lens)), -1)
+    blocks[0, 1:3] = 0
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    masked, _ = varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6,
+                                              image_block_ids=blocks)
+    assert seen == [(True, False), (False, False)] and torch.backends.cuda.cudnn_sdp_enabled()
+    seen.clear()
+    varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6)
+    assert seen == [(False, True), (False, True)]
+
+
 def test_flash_kernel_gets_the_sliding_window(monkeypatch):
     """Packed rows without images go to the varlen flash kernel with `window_size=(window - 1, 0)`: flash-attention's
     (left, right) tokens around the query, as transformers' flash-attention integration passes a sliding window. A
