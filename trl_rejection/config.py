@@ -101,6 +101,12 @@ class RejectionSFTConfig(SFTConfig):
             still runs in half precision under autocast, but optimizer updates smaller than a half-precision step (the
             projector's lr 2e-5 on weights of ~1e-2) are no longer rounded away. FSDP and DeepSpeed, which keep fp32
             masters themselves, are left alone.
+        skip_frozen_vision_backward (`bool`, *optional*, defaults to `True`):
+            Detach the projector's inputs when every trainable parameter lies in the projector, the language model or
+            the LM head. With PEFT and gradient checkpointing, transformers' `enable_input_require_grads` also marks
+            the vision tower's patch embeddings as requiring grad, so every step recomputes and backpropagates the
+            whole frozen vision tower for no parameter's gradient. The gradients of the trainable parameters are
+            unchanged. No effect when something upstream of the projector trains (a LoRA on the vision tower).
         fuse_elementwise_ops (`bool`, *optional*):
             Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) as
             `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`,
@@ -209,6 +215,12 @@ class RejectionSFTConfig(SFTConfig):
         "still runs in half precision under autocast, but optimizer updates smaller than a half-precision step (the "
         "projector's lr 2e-5 on weights of ~1e-2) are no longer rounded away. FSDP and DeepSpeed, which keep fp32 "
         "masters themselves, are left alone."})
+    skip_frozen_vision_backward: bool = field(default=True, metadata={
+        "help": "Detach the projector's inputs when every trainable parameter lies in the projector, the language model "
+        "or the LM head. With PEFT and gradient checkpointing, transformers' `enable_input_require_grads` also marks "
+        "the vision tower's patch embeddings as requiring grad, so every step recomputes and backpropagates the "
+        "whole frozen vision tower for no parameter's gradient. The gradients of the trainable parameters are "
+        "unchanged. No effect when something upstream of the projector trains (a LoRA on the vision tower)."})
     fuse_elementwise_ops: bool | None = field(default=None, metadata={
         "help": "Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) "
         "as `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`, "

@@ -35,6 +35,7 @@ from .config import RejectionSFTConfig
 from .data_wait import DataWaitMeter
 from .dataset_checks import check_dataset, drop_empty_images
 from .extras import keep_trained_modules_unquantized
+from .frozen_vision import skip_frozen_vision_backward
 from .fused import fuse_elementwise_ops
 from .optim import fp32_masters, keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
@@ -207,6 +208,10 @@ class RejectionSFTTrainer(SFTTrainer):
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
         distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
+        if args.skip_frozen_vision_backward:
+            hooked = skip_frozen_vision_backward(self.model, args.projector_modules)
+            if hooked:
+                logger.info("No backward through the frozen vision encoder: %s take detached inputs.", hooked)
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             fuse_elementwise_ops(self.model)
