@@ -4,9 +4,9 @@
     RUNS=ref1,ddp,fsdp,zero3 python bench/bench_scale.py run
 
 `prepare` saves, under $WORK (default /tmp/scale): `model/` - LLaVA-1.5-7B's exact shape with random bf16 weights
-(bench_train.py's `build_model`), written with `save_pretrained` with its processor, so every config loads it through
+(`bench/model_shapes.py`'s `build_model`), written with `save_pretrained` with its processor, so every config loads it through
 `from_pretrained` as it would a real checkpoint (ZeRO-3 partitions it while loading); `data/` - ROWS (320) synthetic
-LLaVA-mix-like rows (bench_train.py's `build_rows`: one JPEG each, 576 image tokens, log-normal text, 2/7 refusals).
+LLaVA-mix-like rows (`model_shapes.build_rows`: one JPEG each, 576 image tokens, log-normal text, 2/7 refusals).
 
 `run` launches, for each name in RUNS, one
 `accelerate launch --config_file recipes/accelerate_configs/<cfg>.yaml --num_processes <n> recipes/sft_rejection.py
@@ -98,16 +98,16 @@ def log(record: dict) -> None:
 def prepare() -> None:
     if SMALL:
         os.environ["SMALL"] = "1"
-    import bench_train  # noqa: E402  (reads SMALL at import)
+    import model_shapes  # noqa: E402  (reads SMALL and MODEL at import)
 
     WORK.mkdir(parents=True, exist_ok=True)
-    proc = bench_train.processor()
+    proc = model_shapes.processor()
     t0 = time.perf_counter()
-    ds = bench_train.build_rows(proc, ROWS, seed=0)
+    ds = model_shapes.build_rows(proc, ROWS, seed=0)
     ds = ds.add_column("id", [f"row{i}" for i in range(len(ds))])
     ds.save_to_disk(str(WORK / "data"))
     t1 = time.perf_counter()
-    model = bench_train.build_model(proc)
+    model = model_shapes.build_model(proc)
     model.save_pretrained(WORK / "model")
     proc.save_pretrained(WORK / "model")
     log(dict(variant="prepare", rows=len(ds), data_s=t1 - t0, model_s=time.perf_counter() - t1,
