@@ -26,6 +26,9 @@ Variants (VARIANTS, comma-separated):
                      loop             padding-free attention as one SDPA call per row, not the varlen flash kernel
                      drop0            LoRA dropout 0 (otherwise LORA_DROPOUT, default 0.05, as for stock)
                      w0               dataloader_num_workers=0
+                     nockpt           gradient_checkpointing=False (every activation kept)
+                     ckpt<N>          gradient_checkpointing_kwargs={"every_n_layers": N} (transformers: only every
+                                      N-th block, vision and language layers counted together, recomputes)
     check          no training: loss + hidden states of one fixed batch, padded vs padding-free (bf16 on the GPU),
                    each also against an fp32 run of the padded batch (the bf16 noise floor)
     collate        no model: collator samples/s in this process (one worker), ours vs stock
@@ -113,7 +116,8 @@ def train_variant(name: str, proc, ds):
 
     ours = name != "stock"
     flags = set(name.split("_")[1:])  # e.g. ours_nofuse_padded -> {"nofuse", "padded"}
-    unknown = flags - {"nofuse", "fused", "drop0", "upcast", "padded", "grouped", "w0", "loop"}
+    ckpt = {f for f in flags if f.startswith("ckpt") and f[4:].isdigit()}  # ckpt2: every 2nd layer checkpointed
+    unknown = flags - {"nofuse", "fused", "drop0", "upcast", "padded", "grouped", "w0", "loop", "nockpt"} - ckpt
     if unknown:
         raise ValueError(f"unknown lever(s) {sorted(unknown)} in variant {name!r}")
     dropout = 0.0 if "drop0" in flags else LORA_DROPOUT
@@ -131,6 +135,10 @@ def train_variant(name: str, proc, ds):
         extra["cast_lora_inputs"] = True
     if "nofuse" in flags or "fused" in flags:
         extra["fuse_elementwise_ops"] = "fused" in flags
+    if "nockpt" in flags:
+        common["gradient_checkpointing"] = False
+    elif ckpt:  # transformers' every_n_layers
+        extra["gradient_checkpointing_kwargs"] = {"every_n_layers": int(next(iter(ckpt))[4:])}
     if "loop" in flags:
         os.environ["TRL_REJECTION_VARLEN"] = "loop"
     peft = LoraConfig(r=128, lora_alpha=256, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=LORA_TARGETS,

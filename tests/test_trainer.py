@@ -8,6 +8,7 @@ import types
 import datasets
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, PeftModel
 from PIL import Image
 
@@ -382,3 +383,24 @@ def test_a_gemma3_loaded_by_name_with_eager_attention_trains_padded(tmp_path, ca
     args = config(tmp_path, max_steps=1, model_init_kwargs={"attn_implementation": "sdpa"})
     assert RejectionSFTTrainer(str(tmp_path / "gemma3"), args=args, train_dataset=data,
                                processing_class=proc).padding_free
+
+
+def test_checkpointing_only_every_n_layers_reaches_the_model(tmp_path):
+    """`gradient_checkpointing_kwargs={"every_n_layers": 2}` (transformers' lever: every other block keeps its
+    activations) survives the trainer's own set-up: half the blocks are checkpointed while training runs."""
+    proc = make_processor("llava-1.5")
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
+    seen = {}
+
+    class Look(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen["flags"] = [m.gradient_checkpointing for m in model.modules()
+                             if isinstance(m, transformers.modeling_layers.GradientCheckpointingLayer)]
+
+    for every in (1, 2):
+        args = config(tmp_path, max_steps=1, gradient_checkpointing=True,
+                      gradient_checkpointing_kwargs={"every_n_layers": every})
+        RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=mix(), processing_class=proc,
+                            peft_config=peft, callbacks=[Look()]).train()
+        flags = seen.pop("flags")
+        assert len(flags) >= 4 and flags == [i % every == 0 for i in range(len(flags))]
