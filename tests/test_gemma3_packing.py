@@ -154,23 +154,37 @@ def test_masked_rows_never_use_cudnn_attention(monkeypatch):
     assert seen == [(False, True), (False, True)]
 
 
-def test_flash_kernel_gets_the_sliding_window(monkeypatch):
-    """Packed rows without images go to the varlen flash kernel with `window_size=(window - 1, 0)`: flash-attention's
-    (left, right) tokens around the query, as transformers' flash-attention integration passes a sliding window. A
-    stand-in kernel with those semantics gives what the per-row masks give; rows with images never reach it."""
-    calls = []
+def flash_stand_in(calls: list):
+    """A varlen kernel with flash-attention's semantics, computed in float64 with SDPA: queries and keys laid out by
+    their own `cu` offsets, `window_size=(left, right)` around the query with the causal diagonal aligned to the
+    bottom right (queries are the last keys' positions), (-1, -1) for no mask."""
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), scale=None):
         calls.append(window_size)
         out = []
-        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            i = torch.arange(e - s)
-            keep = (i[None] <= i[:, None]) & ((i[None] >= i[:, None] - window_size[0]) | (window_size[0] < 0))
+        for (sq, eq), (sk, ek) in zip(zip(cu_q[:-1].tolist(), cu_q[1:].tolist()),
+                                      zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+            i, j = torch.arange(eq - sq)[:, None] + (ek - sk) - (eq - sq), torch.arange(ek - sk)[None]
+            keep = torch.ones(eq - sq, ek - sk, dtype=torch.bool)
+            if window_size[1] >= 0:
+                keep &= j <= i + window_size[1]
+            if window_size[0] >= 0:
+                keep &= j >= i - window_size[0]
             out.append(torch.nn.functional.scaled_dot_product_attention(
-                *(t[s:e].transpose(0, 1).double() for t in (q, k, v)), attn_mask=keep, scale=scale))
+                q[sq:eq].transpose(0, 1).double(), k[sk:ek].transpose(0, 1).double(),
+                v[sk:ek].transpose(0, 1).double(), attn_mask=keep, scale=scale))
         return torch.cat(out, 1).transpose(0, 1).to(q.dtype)
 
-    monkeypatch.setattr(attention, "_VARLEN_ATTN", varlen_attn)
+    return varlen_attn
+
+
+def test_flash_kernel_gets_the_sliding_window(monkeypatch):
+    """Packed rows without images go to the varlen flash kernel with `window_size=(window - 1, 0)`: flash-attention's
+    (left, right) tokens around the query, as transformers' flash-attention integration passes a sliding window. A
+    stand-in kernel with those semantics gives what the per-row masks give. Rows with images reach it only without a
+    window shorter than a row (two calls: causal, then the images' tokens unmasked); with one, they loop."""
+    calls = []
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", flash_stand_in(calls))
     monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size": None, "scale": None})
     torch.manual_seed(0)
     module = torch.nn.Module()
@@ -191,8 +205,62 @@ def test_flash_kernel_gets_the_sliding_window(monkeypatch):
     monkeypatch.setenv("TRL_REJECTION_VARLEN", "flash")
     images = text.clone()
     images[0, 10:12] = 0
+    calls.clear()
     varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=12, image_block_ids=images)
+    assert calls == [(-1, 0), (-1, -1)]
+    varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=12, image_block_ids=images,
+                                  sliding_window=4)
+    assert calls == [(-1, 0), (-1, -1)]  # a binding window: per-row masks, not the kernel
+
+
+@pytest.mark.parametrize("kernel_params", [{"window_size": None, "scale": None}, {"is_causal": None, "scale": None}])
+def test_flash_path_with_images_attends_exactly_as_the_padded_rule(monkeypatch, kernel_params):
+    """Rows with 0, 1 and 2 images (one at a row's start, one in the middle, one at a row's end), through the two
+    flash calls (a float64 stand-in kernel): the output and the gradients of q, k, v equal SDPA with the padded
+    model's mask (same row & (causal | same image)), GQA included. Both kernel signatures (torch >= 2.12 `window_size`,
+    older `is_causal`)."""
+    calls = []
+    stand_in = flash_stand_in(calls)
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=None, window_size=None, scale=None):
+        if window_size is None:
+            window_size = (-1, 0) if is_causal else (-1, -1)
+        return stand_in(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size, scale=scale)
+
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", kernel)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", kernel_params)
+    monkeypatch.setenv("TRL_REJECTION_VARLEN", "flash")
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    lens = [7, 4, 11]
+    types = torch.tensor([[1, 1, 1, 0, 0, 0, 0] + [0, 0, 0, 0] + [0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]])
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    blocks = image_block_ids(types, cu)
+    n = sum(lens)
+    q = torch.randn(1, 4, n, 8, dtype=torch.float64).bfloat16().double().requires_grad_()
+    k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64).bfloat16().double().requires_grad_() for _ in range(2))
+    i = torch.arange(n)
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+    b = blocks[0]
+    rule = (rows[:, None] == rows[None]) & ((i[None] <= i[:, None]) | (b[:, None] == b[None]) & (b[:, None] >= 0))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=rule, scale=0.3).transpose(1, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        out, _ = varlen_sdpa_attention_forward(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=0.3,
+                                               cu_seq_lens_q=cu, max_length_q=11, image_block_ids=blocks)
     assert len(calls) == 2
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-2)  # bf16 output of exact float64 sums
+    # the gradients, in float64 end to end: the same two calls on float64 inputs (the stand-in keeps their dtype)
+    monkeypatch.setattr(attention, "flash_input_dtype", lambda *t: torch.float64)
+    out64, _ = varlen_sdpa_attention_forward(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=11,
+                                             image_block_ids=blocks)
+    torch.testing.assert_close(out64, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(expected)
+    got = torch.autograd.grad((out64 * weights).sum(), (q, k, v))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_gemma3_packs_with_sdpa_only():

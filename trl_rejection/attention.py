@@ -12,8 +12,10 @@ Inside each packed sequence it attends as the padded model does:
 - a layer's `sliding_window` (Gemma 3's local layers, Mistral-style models) is kept: a token sees the last
   `sliding_window` tokens of its row, itself included;
 - with `image_block_ids` (Gemma 3 batches from `RejectionDataCollator`, see `trl_rejection.packing.image_block_ids`)
-  the tokens of one image also attend to each other in both directions, the rest stays causal. Such sequences run
-  one SDPA call each with their exact boolean mask (built once per batch and layer kind), the others stay causal.
+  the tokens of one image also attend to each other in both directions, the rest stays causal. With the flash kernel
+  and no sliding window shorter than a row, that is two kernel calls: causal over all rows, then each image's tokens
+  again over their row up to the image's end, unmasked. Otherwise sequences with images run one SDPA call each with
+  their exact boolean mask (built once per batch and layer kind), the others stay causal.
 
 Example:
     >>> use_varlen_attention(model)  # doctest: +SKIP
@@ -48,7 +50,7 @@ def _load_varlen_attn():
 
 _VARLEN_ATTN, _VARLEN_PARAMS = _load_varlen_attn()
 _CU_CACHE: dict[str, Any] = {"key": None, "value": None}
-_MASK_CACHE: dict[str, Any] = {"key": None, "images": [], "masks": {}}
+_MASK_CACHE: dict[str, Any] = {"key": None, "images": [], "masks": {}, "host": None}
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -95,7 +97,17 @@ def _flash_mask_kwargs(window: int | None) -> dict[str, Any] | None:
     return None
 
 
-def _flash_varlen(query, key, value, cu, max_len, scaling, mask_kwargs):
+def _full_mask_kwargs() -> dict[str, Any] | None:
+    """The kernel's arguments for attending to every key (no causal mask); None if this torch cannot say it."""
+    if "is_causal" in _VARLEN_PARAMS:
+        return {"is_causal": False}
+    if "window_size" in _VARLEN_PARAMS:
+        return {"window_size": (-1, -1)}
+    return None
+
+
+def _flash_varlen(query, key, value, cu, max_len, scaling, mask_kwargs, cu_k=None, max_k=None):
+    """The varlen flash kernel on (1, heads, tokens, head_dim) inputs; keys laid out by `cu_k` if given."""
     dtype = flash_input_dtype(query, key, value)
     out_dtype = query.dtype
     query, key, value = (t.to(dtype) for t in (query, key, value))
@@ -107,9 +119,51 @@ def _flash_varlen(query, key, value, cu, max_len, scaling, mask_kwargs):
             query = query * (scaling * query.shape[-1] ** 0.5)
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, head_dim)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    out = _VARLEN_ATTN(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    cu_k = cu if cu_k is None else cu_k.to(device=q.device, dtype=torch.int32)
+    out = _VARLEN_ATTN(q, k, v, cu, cu_k, max_len, max_len if max_k is None else max_k, **kwargs)
     # SDPA under autocast returns the autocast dtype; without autocast, keep the query's dtype for what follows
     return out[None] if torch.is_autocast_enabled(out.device.type) else out[None].to(out_dtype)
+
+
+def _image_block_layout(cu: torch.Tensor, blocks: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Where the image tokens of a packed batch are and what each may see: for every image block (in order), its
+    tokens as queries and its row's tokens up to the block's end as keys. Built once per batch (host copy of
+    `blocks` shared with `_rows_with_images`)."""
+    cache = _MASK_CACHE["masks"]
+    if "layout" not in cache:
+        bounds = _boundaries(cu)
+        host = _MASK_CACHE["host"]
+        q_idx, k_idx, q_lens, k_lens = [], [], [], []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            row = host[s:e]
+            for b in row[row >= 0].unique().tolist():
+                where = (row == b).nonzero().flatten()
+                first, last = int(where[0]) + s, int(where[-1]) + s + 1
+                if len(where) != last - first:
+                    raise ValueError(f"image block {b} of the packed row at {s} is not contiguous; image_block_ids "
+                                     "must number each image's tokens as one run (packing.image_block_ids)")
+                q_idx.append(torch.arange(first, last))
+                k_idx.append(torch.arange(s, last))
+                q_lens.append(last - first)
+                k_lens.append(last - s)
+        cache["layout"] = dict(
+            q_idx=torch.cat(q_idx).to(device), k_idx=torch.cat(k_idx).to(device),
+            cu_q=torch.tensor([0, *q_lens]).cumsum(0).to(device=device, dtype=torch.int32),
+            cu_k=torch.tensor([0, *k_lens]).cumsum(0).to(device=device, dtype=torch.int32),
+            max_q=max(q_lens), max_k=max(k_lens))
+    return cache["layout"]
+
+
+def _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks):
+    """Causal attention within each packed row, except that the tokens of one image also see each other: the causal
+    kernel over all rows, then for each image's tokens the kernel again, unmasked, over their row up to the image's
+    end (exactly the keys the padded model's mask lets them see), written over their causal outputs."""
+    out = _flash_varlen(query, key, value, cu, max_len, scaling, _flash_mask_kwargs(None))
+    layout = _image_block_layout(cu, blocks, query.device)
+    q_idx, k_idx = layout["q_idx"], layout["k_idx"]
+    images = _flash_varlen(query[:, :, q_idx], key[:, :, k_idx], value[:, :, k_idx], layout["cu_q"],
+                           layout["max_q"], scaling, _full_mask_kwargs(), layout["cu_k"], layout["max_k"])
+    return out.index_copy(1, q_idx, images.to(out.dtype))
 
 
 def _rows_with_images(cu: torch.Tensor, blocks: torch.Tensor | None) -> list[bool]:
@@ -118,9 +172,10 @@ def _rows_with_images(cu: torch.Tensor, blocks: torch.Tensor | None) -> list[boo
     key = _MASK_CACHE["key"]
     if key is None or key[0] is not cu or key[1] is not blocks:
         bounds = _boundaries(cu)
-        host = None if blocks is None else blocks[0].cpu() >= 0
-        _MASK_CACHE["key"], _MASK_CACHE["masks"] = (cu, blocks), {}
-        _MASK_CACHE["images"] = [host is not None and bool(host[s:e].any()) for s, e in zip(bounds[:-1], bounds[1:])]
+        host = None if blocks is None else blocks[0].cpu()
+        _MASK_CACHE["key"], _MASK_CACHE["masks"], _MASK_CACHE["host"] = (cu, blocks), {}, host
+        _MASK_CACHE["images"] = [host is not None and bool((host[s:e] >= 0).any())
+                                 for s, e in zip(bounds[:-1], bounds[1:])]
     return _MASK_CACHE["images"]
 
 
@@ -201,9 +256,12 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     blocks = kwargs.get("image_block_ids")
     images = blocks is not None and any(_rows_with_images(cu, blocks))
     flash_kwargs = _flash_mask_kwargs(window)
-    if not images and flash_kwargs is not None and varlen_backend(query.device) == "flash" \
-            and flash_input_dtype(query, key, value) is not None:
+    flash = flash_kwargs is not None and varlen_backend(query.device) == "flash" \
+        and flash_input_dtype(query, key, value) is not None
+    if flash and not images:
         return _flash_varlen(query, key, value, cu, max_len, scaling, flash_kwargs), None
+    if flash and window is None and _full_mask_kwargs() is not None:  # images, no binding window
+        return _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks), None
     masks = _row_masks(cu, blocks, window, query.device) if images or window is not None else None
     return _loop_varlen(query, key, value, cu, scaling, masks), None
 
