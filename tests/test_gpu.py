@@ -199,9 +199,10 @@ def test_sharded_checkpoint_resumes_to_the_same_losses_and_the_adapter_loads_any
 def test_gemma3_packed_batch_agrees_with_padded_in_bf16(data, monkeypatch):
     """Gemma 3 (fp32 weights, bf16 autocast, a sliding window of 8 tokens, shorter than every row): the packed batch
     gives the padded batch's loss and gradients within the bf16 noise floor (padded bf16 vs padded fp32), and in fp32
-    to 1e-5 (loss) / 1e-4 (gradients). Rows with images run per-row SDPA with the image-block mask; the text-only
-    batch runs the varlen flash kernel (with `window_size=(7, 0)` on the sliding layer where torch's kernel has it).
-    A leaky packing (one causal sequence) is the control."""
+    to 1e-5 (loss) / 1e-4 (gradients). Rows with images run per-row SDPA with the image-block mask on the sliding
+    layer (its window is shorter than the rows) and two varlen flash calls on the full-attention layer (causal, then
+    the images' tokens unmasked); the text-only batch runs the varlen flash kernel (with `window_size=(7, 0)` on the
+    sliding layer where torch's kernel has it). A leaky packing (one causal sequence) is the control."""
     from trl_rejection import attention
     from trl_rejection.collator import RejectionDataCollator
     from trl_rejection.testing.tiny import make_model, make_processor
@@ -217,7 +218,7 @@ def test_gemma3_packed_batch_agrees_with_padded_in_bf16(data, monkeypatch):
         batch.pop("is_refusal")
     flash_calls = []
     real_flash = attention._flash_varlen
-    monkeypatch.setattr(attention, "_flash_varlen", lambda *a: flash_calls.append(a[-1]) or real_flash(*a))
+    monkeypatch.setattr(attention, "_flash_varlen", lambda *a: flash_calls.append(a[6]) or real_flash(*a))
 
     def loss_and_grads(batch, bf16=True):
         model = make_model("gemma3", proc, text_kwargs={"sliding_window": 8}).cuda().float().train()
@@ -235,7 +236,8 @@ def test_gemma3_packed_batch_agrees_with_padded_in_bf16(data, monkeypatch):
     ref, fp32 = loss_and_grads(padded), loss_and_grads(padded, bf16=False)
     got = loss_and_grads(packed)
     kernel_kwargs = [k for k in (attention._flash_mask_kwargs(8), attention._flash_mask_kwargs(None)) if k]
-    assert flash_calls == ([] if data == "images" else kernel_kwargs)
+    images = [attention._flash_mask_kwargs(None), attention._full_mask_kwargs()]
+    assert flash_calls == (images if data == "images" else kernel_kwargs)
     assert abs(got[0] - ref[0]) <= 2 * abs(ref[0] - fp32[0]) + 1e-3, (got[0], ref[0], fp32[0])
     assert rel(got[1], ref[1]) <= 2 * rel(ref[1], fp32[1]) + 1e-3, (rel(got[1], ref[1]), rel(ref[1], fp32[1]))
     got32 = loss_and_grads(packed, bf16=False)  # fp32: no flash kernel, per-row SDPA
