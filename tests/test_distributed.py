@@ -99,8 +99,14 @@ def test_generation_never_waits_for_other_processes(monkeypatch):
 
 
 
-def _fsdp_accelerator(version: int, mixed_precision: str) -> SimpleNamespace:
-    plugin = SimpleNamespace(fsdp_version=version, mixed_precision_policy="accelerate's")
+def _fsdp_accelerator(version: int, mixed_precision: str, policy: object = "accelerate's") -> SimpleNamespace:
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if policy == "accelerate's":  # what accelerate sets from `mixed_precision`
+        half = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+        policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half, output_dtype=half)
+    plugin = SimpleNamespace(fsdp_version=version, mixed_precision_policy=policy)
     return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision)
 
 
@@ -114,12 +120,14 @@ def test_fsdp_autocast_precision_keeps_block_inputs_and_outputs_and_reduces_in_f
     assert policy == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=None,
                                           cast_forward_inputs=False)
     assert setup_fsdp_precision(_fsdp_accelerator(2, "fp16")).param_dtype == torch.float16
+    assert setup_fsdp_precision(_fsdp_accelerator(2, "bf16", policy=None)) == policy
+    users = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for acc, enabled in ((_fsdp_accelerator(2, "bf16"), False), (_fsdp_accelerator(1, "bf16"), True),
-                         (_fsdp_accelerator(2, "no"), True), (SimpleNamespace(state=SimpleNamespace(),
-                                                                             mixed_precision="bf16"), True)):
+                         (_fsdp_accelerator(2, "no"), True), (_fsdp_accelerator(2, "bf16", users), True),
+                         (SimpleNamespace(state=SimpleNamespace(), mixed_precision="bf16"), True)):
+        before = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
         assert setup_fsdp_precision(acc, enabled) is None
-        assert getattr(acc.state, "fsdp_plugin", SimpleNamespace(mixed_precision_policy="accelerate's")) \
-            .mixed_precision_policy == "accelerate's"
+        assert getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None) is before
 
 
 def test_fsdp2_with_the_autocast_policy_passes_float32_activations_through_blocks_unrounded(tmp_path):

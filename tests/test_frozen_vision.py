@@ -11,7 +11,7 @@ from PIL import Image
 from trl_rejection.collator import RejectionDataCollator
 from trl_rejection.config import PROJECTOR_MODULES
 from trl_rejection.constants import DEFAULT_REFUSAL
-from trl_rejection.frozen_vision import DETACHING, skip_frozen_vision_backward
+from trl_rejection.frozen_vision import HOOKS, skip_frozen_vision_backward
 from trl_rejection.testing.tiny import make_model, make_processor
 
 # family: (modules_to_save, projector_modules, the vision block whose forward calls are counted)
@@ -72,8 +72,9 @@ def test_same_gradients_without_the_vision_backward(family):
     assert runs == (family != "qwen3-vl")  # the backward reaches the frozen tower
     model = _peft_model(family, proc)
     hooked = skip_frozen_vision_backward(model, projectors)
-    assert hooked and all("merger" in h or "projector" in h for h in hooked)
-    assert skip_frozen_vision_backward(model, projectors) == hooked  # a second call hooks nothing twice
+    assert hooked and all("merger" in h or "projector" in h for h in hooked) and len(set(hooked)) == len(hooked)
+    assert skip_frozen_vision_backward(model, projectors) == hooked  # a second call replaces, never adds, hooks
+    assert all(len(module._forward_pre_hooks) == 1 for module in HOOKS if module in set(model.modules()))
     got, runs = _step(model, batch, block)
     assert runs == 0
     assert got.keys() == grads.keys() and any("merger" in n or "projector" in n for n in got)
@@ -82,12 +83,33 @@ def test_same_gradients_without_the_vision_backward(family):
 
 
 def test_a_trained_vision_tower_keeps_its_backward():
+    """A LoRA on the vision tower from the start, or a tower unfrozen after the hook was set (a second training
+    stage, a callback): its gradients flow. The condition is read at every forward."""
     proc = make_processor("llava-1.5")
+    batch = RejectionDataCollator(proc)(ROWS)
     model = _peft_model("llava-1.5", proc, train_vision=True)
     assert any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
-    assert skip_frozen_vision_backward(model, PROJECTOR_MODULES) == []
-    grads, runs = _step(model, RejectionDataCollator(proc)(ROWS), "CLIPEncoderLayer")
+    assert skip_frozen_vision_backward(model, PROJECTOR_MODULES)
+    grads, runs = _step(model, batch, "CLIPEncoderLayer")
     assert runs == 1 and any("vision_tower" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+    model = _peft_model("llava-1.5", proc)
+    assert skip_frozen_vision_backward(model, PROJECTOR_MODULES)
+    assert _step(model, batch, "CLIPEncoderLayer")[1] == 0
+    tower = next(m for n, m in model.named_modules() if n.endswith("vision_tower"))
+    tower.requires_grad_(True)  # stage 2 unfreezes the tower
+    grads, runs = _step(model, batch, "CLIPEncoderLayer")
+    assert runs == 1 and any("vision_tower" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_turning_the_option_off_removes_the_hooks():
+    proc = make_processor("llava-1.5")
+    batch = RejectionDataCollator(proc)(ROWS)
+    model = _peft_model("llava-1.5", proc)
+    assert skip_frozen_vision_backward(model, PROJECTOR_MODULES)
+    assert skip_frozen_vision_backward(model, PROJECTOR_MODULES, enabled=False) == []
+    assert _step(model, batch, "CLIPEncoderLayer")[1] == 1
+    assert not any(module in HOOKS for module in model.modules())
 
 
 def test_no_projector_found_changes_nothing():
@@ -109,4 +131,4 @@ def test_the_trainer_applies_the_option(enabled, tmp_path):
     trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=mix(), processing_class=proc,
                                   peft_config=peft)
     projector = next(m for n, m in trainer.model.named_modules() if n.endswith("multi_modal_projector"))
-    assert (projector in DETACHING) is enabled
+    assert (projector in HOOKS) is enabled

@@ -152,6 +152,27 @@ def test_masked_rows_never_use_cudnn_attention(monkeypatch):
     seen.clear()
     varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6)
     assert seen == [(False, True), (False, True)]
+    flags = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: flags.append(
+        (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())) or sdpa(*a, **k))
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):  # the user's choice is kept
+        torch.testing.assert_close(varlen_sdpa_attention_forward(
+            module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6, image_block_ids=blocks)[0], masked)
+    assert flags == [(False, True), (False, True)]
+
+
+def test_image_layout_follows_each_layers_device():
+    """A model split over devices (device_map) runs its layers on several: each gets the batch's layout there."""
+    lens = [5, 4]
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    blocks = torch.tensor([[-1, 0, 0, -1, -1, -1, 1, 1, 1]])
+    assert any(attention._rows_with_images(cu, blocks))
+    here = attention._image_block_layout(cu, blocks, torch.device("cpu"))
+    there = attention._image_block_layout(cu, blocks, torch.device("meta"))
+    assert here["q_idx"].device.type == "cpu" and there["q_idx"].device.type == "meta"
+    assert here["q_idx"].tolist() == [1, 2, 6, 7, 8] and here["k_idx"].tolist() == [0, 1, 2, 5, 6, 7, 8]
+    assert here["cu_k"].tolist() == [0, 3, 7] and (here["max_q"], here["max_k"]) == (3, 4)
+    assert attention._image_block_layout(cu, blocks, torch.device("cpu")) is here
 
 
 def flash_stand_in(calls: list):

@@ -130,6 +130,8 @@ def _image_block_layout(cu: torch.Tensor, blocks: torch.Tensor, device: torch.de
     tokens as queries and its row's tokens up to the block's end as keys. Built once per batch (host copy of
     `blocks` shared with `_rows_with_images`)."""
     cache = _MASK_CACHE["masks"]
+    if ("layout", device) in cache:  # the layers of a model split over devices (device_map) each get their own
+        return cache[("layout", device)]
     if "layout" not in cache:
         bounds = _boundaries(cu)
         host = _MASK_CACHE["host"]
@@ -146,12 +148,12 @@ def _image_block_layout(cu: torch.Tensor, blocks: torch.Tensor, device: torch.de
                 k_idx.append(torch.arange(s, last))
                 q_lens.append(last - first)
                 k_lens.append(last - s)
-        cache["layout"] = dict(
-            q_idx=torch.cat(q_idx).to(device), k_idx=torch.cat(k_idx).to(device),
-            cu_q=torch.tensor([0, *q_lens]).cumsum(0).to(device=device, dtype=torch.int32),
-            cu_k=torch.tensor([0, *k_lens]).cumsum(0).to(device=device, dtype=torch.int32),
-            max_q=max(q_lens), max_k=max(k_lens))
-    return cache["layout"]
+        cache["layout"] = dict(q_idx=torch.cat(q_idx), k_idx=torch.cat(k_idx),
+                               cu_q=torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32),
+                               cu_k=torch.tensor([0, *k_lens]).cumsum(0).to(torch.int32),
+                               max_q=max(q_lens), max_k=max(k_lens))
+    cache[("layout", device)] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cache["layout"].items()}
+    return cache[("layout", device)]
 
 
 def _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks):
@@ -204,15 +206,21 @@ def _row_masks(cu: torch.Tensor, blocks: torch.Tensor | None, window: int | None
     return cache[window]
 
 
-# Backends for the per-sequence masked calls: not cuDNN, which builds (and caches by shape) an execution plan for
-# each new sequence length, ~1.7 ms of CPU time a call (Gemma 3 on an H100: GPU busy 34% of the step).
-_MASKED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+def _no_cudnn_sdpa() -> contextlib.AbstractContextManager:
+    """SDPA without cuDNN for the per-sequence masked calls: cuDNN builds (and caches by shape) an execution plan for
+    each new sequence length, ~1.7 ms of CPU time a call (Gemma 3 on an H100: GPU busy 34% of the step). The other
+    backends stay as the user set them."""
+    cuda = torch.backends.cuda
+    enabled = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+                                           (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+                                           (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
+    return sdpa_kernel(enabled) if enabled else contextlib.nullcontext()
 
 
 def _loop_varlen(query, key, value, cu, scaling, masks=None):
     bounds = _boundaries(cu)
     sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    backends = contextlib.nullcontext() if masks is None else sdpa_kernel(_MASKED_SDPA_BACKENDS)
+    backends = contextlib.nullcontext() if masks is None else _no_cudnn_sdpa()
     masks = masks or [None] * len(sizes)
     # `split`, not slicing: the backward of a split is one concatenation, that of n slices n full-size buffers
     with backends:

@@ -106,7 +106,8 @@ class RejectionSFTConfig(SFTConfig):
             the LM head. With PEFT and gradient checkpointing, transformers' `enable_input_require_grads` also marks
             the vision tower's patch embeddings as requiring grad, so every step recomputes and backpropagates the
             whole frozen vision tower for no parameter's gradient. The gradients of the trainable parameters are
-            unchanged. No effect when something upstream of the projector trains (a LoRA on the vision tower).
+            unchanged. No effect while something upstream of the projector trains (a LoRA on the vision tower;
+            checked at every forward).
         fuse_elementwise_ops (`bool`, *optional*):
             Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) as
             `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`,
@@ -220,7 +221,8 @@ class RejectionSFTConfig(SFTConfig):
         "or the LM head. With PEFT and gradient checkpointing, transformers' `enable_input_require_grads` also marks "
         "the vision tower's patch embeddings as requiring grad, so every step recomputes and backpropagates the "
         "whole frozen vision tower for no parameter's gradient. The gradients of the trainable parameters are "
-        "unchanged. No effect when something upstream of the projector trains (a LoRA on the vision tower)."})
+        "unchanged. No effect while something upstream of the projector trains (a LoRA on the vision tower; "
+        "checked at every forward)."})
     fuse_elementwise_ops: bool | None = field(default=None, metadata={
         "help": "Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) "
         "as `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`, "

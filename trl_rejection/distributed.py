@@ -66,12 +66,18 @@ def setup_fsdp_precision(accelerator: Any, enabled: bool = True) -> Any:
     in half precision. Under autocast on one GPU, activations that autocast keeps in float32 (the CLIP vision tower's
     LayerNorm outputs, and so its residual stream) stay float32. This policy keeps the parameter cast (half-precision
     all-gathers and matmuls) but neither casts block inputs nor outputs, and reduces gradients in float32. Returns
-    the `MixedPrecisionPolicy` set on the plugin (read when `Trainer.train` prepares the model), None if unchanged."""
+    the `MixedPrecisionPolicy` set on the plugin (read when `Trainer.train` prepares the model), None if unchanged (a
+    policy other than accelerate's default, set by the user on the plugin, is kept)."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
     if not enabled or plugin is None or getattr(plugin, "fsdp_version", 1) != 2 or half is None:
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    current = plugin.mixed_precision_policy
+    if current is not None and current != MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half, output_dtype=half):
+        logger.info("FSDP2 mixed precision: keeping the plugin's own policy %s", current)
+        return None
 
     plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32,
                                                          output_dtype=None, cast_forward_inputs=False)

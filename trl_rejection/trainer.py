@@ -208,10 +208,9 @@ class RejectionSFTTrainer(SFTTrainer):
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
         distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
-        if args.skip_frozen_vision_backward:
-            hooked = skip_frozen_vision_backward(self.model, args.projector_modules)
-            if hooked:
-                logger.info("No backward through the frozen vision encoder: %s take detached inputs.", hooked)
+        hooked = skip_frozen_vision_backward(self.model, args.projector_modules, args.skip_frozen_vision_backward)
+        if hooked:
+            logger.info("No backward through a frozen vision encoder: %s take detached inputs while it is.", hooked)
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             fuse_elementwise_ops(self.model)
