@@ -148,11 +148,10 @@ def train_variant(name: str, proc, ds):
     if PROFILE:  # e.g. "6-7": torch.profiler over those optimizer steps (their timing is then off)
         from pathlib import Path
 
-        from trl_rejection.callbacks import StepProfiler
+        from trl_rejection.callbacks import StepProfiler, parse_step_range
 
-        first, last = map(int, PROFILE.split("-"))
         prof_dir = Path(OUT) / f"profile-{MODEL}-{name}"
-        callbacks.append(StepProfiler(first, last, prof_dir, rank=0))
+        callbacks.append(StepProfiler(*parse_step_range(PROFILE), prof_dir, rank=0))
     model = build_model(proc)
     with tempfile.TemporaryDirectory() as d:
         if ours:

@@ -156,11 +156,12 @@ def _image_block_layout(cu: torch.Tensor, blocks: torch.Tensor, device: torch.de
     return cache[("layout", device)]
 
 
-def _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks):
+def _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks, causal_kwargs):
     """Causal attention within each packed row, except that the tokens of one image also see each other: the causal
-    kernel over all rows, then for each image's tokens the kernel again, unmasked, over their row up to the image's
-    end (exactly the keys the padded model's mask lets them see), written over their causal outputs."""
-    out = _flash_varlen(query, key, value, cu, max_len, scaling, _flash_mask_kwargs(None))
+    kernel over all rows (`causal_kwargs`), then for each image's tokens the kernel again, unmasked, over their row
+    up to the image's end (exactly the keys the padded model's mask lets them see), written over their causal
+    outputs."""
+    out = _flash_varlen(query, key, value, cu, max_len, scaling, causal_kwargs)
     layout = _image_block_layout(cu, blocks, query.device)
     q_idx, k_idx = layout["q_idx"], layout["k_idx"]
     images = _flash_varlen(query[:, :, q_idx], key[:, :, k_idx], value[:, :, k_idx], layout["cu_q"],
@@ -238,7 +239,7 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
 
     On packed batches, `kwargs` may carry the layer's `sliding_window` (transformers passes it) and the batch's
     `image_block_ids` (Gemma 3; the model passes inputs it does not know down to its attention): see the module
-    docstring. Sequences with images run through per-sequence SDPA with their mask, also on CUDA.
+    docstring for how those are kept.
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
@@ -269,7 +270,7 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     if flash and not images:
         return _flash_varlen(query, key, value, cu, max_len, scaling, flash_kwargs), None
     if flash and window is None and _full_mask_kwargs() is not None:  # images, no binding window
-        return _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks), None
+        return _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks, flash_kwargs), None
     masks = _row_masks(cu, blocks, window, query.device) if images or window is not None else None
     return _loop_varlen(query, key, value, cu, scaling, masks), None
 

@@ -62,11 +62,11 @@ def skip_frozen_vision_backward(model: torch.nn.Module, projector_modules: Seque
     entries = _projector_entries(model, projector_modules)
     upstream = [(n, p) for n, p in model.named_parameters()
                 if not any(f in n for f in (*projector_modules, *_TRAINED_ELSEWHERE_OK))]
+    hook = _detaching_hook([p for _, p in upstream])
     for _, module in entries:
         if module in HOOKS:
             HOOKS.pop(module).remove()
         if enabled:
-            hook = _detaching_hook([p for _, p in upstream])
             HOOKS[module] = module.register_forward_pre_hook(hook, with_kwargs=True)
     trained = next((n for n, p in upstream if p.requires_grad), None)
     if enabled and entries and trained:

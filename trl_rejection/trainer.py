@@ -210,7 +210,8 @@ class RejectionSFTTrainer(SFTTrainer):
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         hooked = skip_frozen_vision_backward(self.model, args.projector_modules, args.skip_frozen_vision_backward)
         if hooked:
-            logger.info("No backward through a frozen vision encoder: %s take detached inputs while it is.", hooked)
+            logger.info("No backward through a frozen vision encoder: %s take detached inputs while it stays frozen.",
+                        hooked)
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             fuse_elementwise_ops(self.model)
