@@ -702,3 +702,45 @@ def test_ci_oldest_pins_are_the_lower_bounds_of_pyproject():
 
     assert pins and all(name in bounds and Version(bounds[name]) == Version(version)
                         for name, version in pins.items()), (pins, bounds)
+
+
+def test_qwen_vision_encoders_pass_cu_seqlens_to_flash_named_attention():
+    """attention.use_varlen_vision_attention names its function "varlen_flash_sdpa" because transformers' Qwen-VL vision
+    attention passes `cu_seq_lens_q` / `max_length_q` (one block per image or window) only to implementations whose
+    name contains "flash" (`is_flash_attention_requested`), and runs one SDPA call per block otherwise."""
+    skip_unless_used("VISION_CU_SEQLENS_MODELS")
+    from transformers import AttentionInterface
+
+    from trl_rejection import attention
+
+    with contract("transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision attention: `cu_seq_lens_q`, `cu_seq_lens_k`, "
+                  "`max_length_q` and `is_causal=False` passed to an implementation named with 'flash' "
+                  "(transformers.utils.generic.is_flash_attention_requested)",
+                  "trl_rejection/attention.py use_varlen_vision_attention / VISION_VARLEN_ATTENTION "
+                  "(varlen_vision_attention)",
+                  "follow how the vision attention now chooses its varlen path (or drop the option if transformers "
+                  "runs these encoders as one varlen call under 'sdpa' itself)."):
+        for family in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
+            model = make_model(family, make_processor(family))
+            assert model.config.model_type in attention.VISION_CU_SEQLENS_MODELS, model.config.model_type
+            assert attention.use_varlen_vision_attention(model)
+            real, seen = attention.varlen_sdpa_attention_forward, []
+
+            def spy(module, query, key, value, attention_mask, **kwargs):
+                seen.append(kwargs)
+                return real(module, query, key, value, attention_mask, **kwargs)
+
+            AttentionInterface.register(attention.VISION_VARLEN_ATTENTION, spy)
+            try:
+                vision = model.config.vision_config
+                grid = torch.tensor([[1, 4, 4], [1, 4, 6]])
+                width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+                with torch.no_grad():
+                    model.model.visual(torch.randn(int(grid.prod(-1).sum()), width), grid_thw=grid)
+            finally:
+                attention.register_varlen_attention()
+            assert len(seen) == vision.depth, f"{family}: {len(seen)} calls for {vision.depth} layers"
+            for kwargs in seen:
+                assert kwargs.get("is_causal") is False and torch.equal(kwargs["cu_seq_lens_q"].cpu(),
+                                                                        torch.tensor([0, 16, 40])), (family, kwargs)
+                assert kwargs["max_length_q"] == 24, (family, kwargs)

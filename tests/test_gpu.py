@@ -245,3 +245,34 @@ def test_gemma3_packed_batch_agrees_with_padded_in_bf16(data, monkeypatch):
     leaky = {k: v for k, v in packed.items() if not k.startswith(("cu_seq", "max_length"))}
     leaky["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]
     assert abs(loss_and_grads(leaky)[0] - ref[0]) > abs(got[0] - ref[0])
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_vision_encoder_varlen_flash_agrees_with_sdpa_in_bf16(family, monkeypatch):
+    """The Qwen-VL vision encoder (bf16 weights) on `"varlen_flash_sdpa"`: one real varlen flash call per layer gives
+    the `"sdpa"` encoder's features within the bf16 floor (sdpa bf16 vs sdpa fp32 of the same weights)."""
+    from trl_rejection import attention
+    from trl_rejection.testing.tiny import make_model, make_processor
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_vision_varlen import GRID, _pixels
+
+    model = make_model(family, make_processor(family)).cuda().eval()
+    pixels = _pixels(model).float().cuda()
+    grid = GRID.cuda()
+
+    def features(dtype):
+        with torch.no_grad():
+            out = model.to(dtype).model.visual(pixels.to(dtype), grid_thw=grid)
+        return out.pooler_output.float()
+
+    fp32, ref = features(torch.float32), features(torch.bfloat16)
+    flash_calls = []
+    real_flash = attention._flash_varlen
+    monkeypatch.setattr(attention, "_flash_varlen", lambda *a: flash_calls.append(a[6]) or real_flash(*a))
+    assert attention.use_varlen_vision_attention(model)
+    got = features(torch.bfloat16)
+    assert flash_calls == [attention._full_mask_kwargs()] * model.config.vision_config.depth
+    floor = float((ref - fp32).norm() / fp32.norm())
+    err = float((got - ref).norm() / ref.norm())
+    assert err <= 2 * floor + 1e-3, (err, floor)

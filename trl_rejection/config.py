@@ -108,6 +108,12 @@ class RejectionSFTConfig(SFTConfig):
             whole frozen vision tower for no parameter's gradient. The gradients of the trainable parameters are
             unchanged. No effect while something upstream of the projector trains (a LoRA on the vision tower;
             checked at every forward).
+        varlen_vision_attention (`bool`, *optional*, defaults to `True`):
+            Run the vision encoder's attention of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (one block per image, or per
+            window of Qwen2.5-VL's window attention) as one varlen flash-attention call per layer
+            (`"varlen_flash_sdpa"`) instead of transformers' one SDPA call per block under `"sdpa"`. Same attention;
+            no effect on other models, on a vision encoder loaded with another attention, or on CPU (one SDPA call
+            per block there, as before).
         fuse_elementwise_ops (`bool`, *optional*):
             Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) as
             `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`,
@@ -223,6 +229,12 @@ class RejectionSFTConfig(SFTConfig):
         "whole frozen vision tower for no parameter's gradient. The gradients of the trainable parameters are "
         "unchanged. No effect while something upstream of the projector trains (a LoRA on the vision tower; "
         "checked at every forward)."})
+    varlen_vision_attention: bool = field(default=True, metadata={
+        "help": "Run the vision encoder's attention of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (one block per image, or "
+        "per window of Qwen2.5-VL's window attention) as one varlen flash-attention call per layer "
+        "(`\"varlen_flash_sdpa\"`) instead of transformers' one SDPA call per block under `\"sdpa\"`. Same "
+        "attention; no effect on other models, on a vision encoder loaded with another attention, or on CPU (one "
+        "SDPA call per block there, as before)."})
     fuse_elementwise_ops: bool | None = field(default=None, metadata={
         "help": "Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) "
         "as `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`, "

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoProcessor
 from trl import SFTTrainer
 
 from . import distributed
-from .attention import use_varlen_attention
+from .attention import use_varlen_attention, use_varlen_vision_attention
 from .balance import TokenBalancedSampler
 from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
@@ -204,6 +204,8 @@ class RejectionSFTTrainer(SFTTrainer):
         self._split_sums: dict[str, list[float]] = {}
         if padding_free:
             use_varlen_attention(self.model)
+        if args.varlen_vision_attention:
+            use_varlen_vision_attention(self.model)
         self._rope_module = rope_index_module(self.model) if padding_free else None
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
         distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
