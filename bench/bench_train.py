@@ -283,6 +283,9 @@ def run_isolated(variants: list[str]) -> None:
             print(json.dumps(rec), flush=True)
         if proc.returncode or not lines:
             print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
+            errors = [x for x in proc.stderr.splitlines() if "Error" in x or "error:" in x]
+            log(variant=name, failed=True, returncode=proc.returncode,  # kept in the JSON lines, e.g. CUDA OOM
+                error=(errors or proc.stderr.splitlines() or ["no output"])[-1][:500])
         results.setdefault(name, []).extend(r for r in lines if "real_tok_s" in r)
     stock = [r["real_tok_s"] for r in results.get("stock", [])]
     base = statistics.median(stock) if stock else None

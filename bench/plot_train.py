@@ -1,9 +1,12 @@
 """Plot the training-throughput results in bench/results/ (JSON lines written by bench_train.py).
 
     python bench/plot_train.py bench/results/2026-11-25-h100-call-*.jsonl --out docs/img/throughput.png
+    python bench/plot_train.py bench/results/2026-11-26-h100-s20-call*.jsonl --out docs/img/throughput.png \
+        --families-out docs/img/throughput_families.png
 
-One bar per variant: the median real tokens/s over every run of it in the given files (each run a dot), with its
-peak GPU memory written on the bar.
+`--out`: the LLaVA-1.5-7B levers, one bar per variant: the median real tokens/s over every run of it in the given
+files (each run a dot), with its peak GPU memory written on the bar. `--families-out`: stock TRL vs the defaults for
+each model shape in the files (the shape of a run is that of the `info` line before it), medians and runs.
 """
 
 from __future__ import annotations
@@ -28,20 +31,62 @@ LABELS = {
     "ours_grouped": "padded, grouped by length",
     "ours_padded": "padded, random order",
     "ours_loop": "padding-free, per-row SDPA",
+    "ours_ckpt2": "checkpoint every 2nd block only",
 }
+SHAPES = {"llava-1.5": "LLaVA-1.5-7B", "qwen2.5-vl": "Qwen2.5-VL-7B", "qwen3-vl": "Qwen3-VL-8B", "gemma3": "Gemma-3-4B",
+          "gemma3-12b": "Gemma-3-12B"}
+
+
+def read_runs(files: list[Path]) -> dict[tuple[str, str], list[dict]]:
+    """(model shape, variant) -> its training runs in the files; failed variants (no `real_tok_s`) and profiled runs
+    (the profiler slows them) are left out."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for path in files:
+        model = "llava-1.5"  # files from before the harness named the shape
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["variant"] == "info":
+                model = rec.get("model", model)
+            elif "real_tok_s" in rec and "profile" not in rec:
+                runs.setdefault((model, rec["variant"]), []).append(rec)
+    return runs
+
+
+def plot_families(runs: dict[tuple[str, str], list[dict]], out: Path) -> None:
+    shapes = [m for m in SHAPES if (m, "stock") in runs and (m, "ours") in runs]
+    fig, ax = plt.subplots(figsize=(8, 0.9 * len(shapes) + 1.2))
+    for i, m in enumerate(shapes):
+        for j, (variant, color) in enumerate((("stock", "#c44e52"), ("ours", "#4c72b0"))):
+            tps = [r["real_tok_s"] for r in runs[(m, variant)]]
+            y = i + 0.2 - 0.4 * j
+            ax.barh(y, statistics.median(tps), height=0.38, color=color, label=None if i else
+                    ("stock TRL SFTTrainer" if variant == "stock" else "RejectionSFTTrainer (defaults)"))
+            ax.plot(tps, [y] * len(tps), "k.", markersize=4)
+        ours, stock = (statistics.median(r["real_tok_s"] for r in runs[(m, v)]) for v in ("ours", "stock"))
+        ax.text(max(r["real_tok_s"] for r in runs[(m, "ours")]) + 150, i - 0.2, f"{ours:,.0f}  ({ours / stock:.2f}x)",
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(shapes)), [SHAPES[m] for m in shapes], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("real (non-padding) tokens/s, batch 16 (median; dots: each run)")
+    ax.set_xlim(0, max(statistics.median(r["real_tok_s"] for r in runs[(m, "ours")]) for m in shapes) * 1.3)
+    ax.set_title("stock TRL vs RejectionSFTTrainer, LoRA r=128, one H100", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/img/throughput.png"))
+    parser.add_argument("--families-out", type=Path, default=None)
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {}
-    for path in args.files:
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if "real_tok_s" in rec and rec["variant"] in LABELS:
-                runs.setdefault(rec["variant"], []).append(rec)
+    every = read_runs(args.files)
+    if args.families_out is not None:
+        plot_families(every, args.families_out)
+    runs = {v: recs for (m, v), recs in every.items() if m == "llava-1.5" and v in LABELS}
     names = sorted(runs, key=lambda n: statistics.median(r["real_tok_s"] for r in runs[n]))
     medians = [statistics.median(r["real_tok_s"] for r in runs[n]) for n in names]
     colors = ["#c44e52" if n == "stock" else "#4c72b0" if n == "ours" else "#9aa9c4" for n in names]
