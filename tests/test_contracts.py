@@ -22,7 +22,6 @@ import re
 import sys
 import textwrap
 import weakref
-from collections import defaultdict
 from pathlib import Path
 
 import datasets

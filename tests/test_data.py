@@ -315,7 +315,6 @@ def test_chunked_scan_matches_json_load(texts, chunk, jsonl, indent, tmp_path_fa
 
 def test_malformed_record_mid_file_is_found_across_chunks(monkeypatch, tmp_path):
     from trl_rejection.data import formats, jsonscan
-    from trl_rejection.data.records import _split_placeholders
 
     monkeypatch.setattr(jsonscan, "_CHUNK_BYTES", 50)
     good = [json.dumps(_llava(i, "c", image=False)) for i in range(6)]
