@@ -276,3 +276,31 @@ def test_vision_encoder_varlen_flash_agrees_with_sdpa_in_bf16(family, monkeypatc
     floor = float((ref - fp32).norm() / fp32.norm())
     err = float((got - ref).norm() / ref.norm())
     assert err <= 2 * floor + 1e-3, (err, floor)
+
+
+def test_varlen_flash_attends_fully_within_each_block_and_nowhere_else():
+    """The non-causal packed path on the real kernel (bf16, head_dim 80 as in Qwen2.5-VL's vision tower): equal to
+    fp32 SDPA run block by block, unmasked, to bf16 rounding; causal blocks and attention across blocks are both far
+    off (the tiny encoders of the test above barely tell them apart)."""
+    from trl_rejection import attention
+
+    torch.manual_seed(0)
+    lens = [64, 1, 300, 1024, 17]
+    cu = torch.tensor([0, *lens], device="cuda").cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(1, 16, sum(lens), 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = False
+    out, _ = attention.varlen_sdpa_attention_forward(module, q, k, v, None, scaling=80 ** -0.5, is_causal=False,
+                                                     cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=1024,
+                                                     max_length_k=1024)
+
+    def per_block(causal):
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            *(t[:, :, s:e].float() for t in (q, k, v)), is_causal=causal) for s, e in zip(cu[:-1], cu[1:])], 2)
+
+    ref = per_block(False).transpose(1, 2)
+    err = float((out.float() - ref).abs().max())
+    assert err < 2e-2, err
+    causal = per_block(True).transpose(1, 2)
+    leaky = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in (q, k, v))).transpose(1, 2)
+    assert float((causal - ref).abs().max()) > 10 * err and float((leaky - ref).abs().max()) > 10 * err
