@@ -150,3 +150,20 @@ def test_the_trainer_applies_the_option(enabled, tmp_path):
     vision = trainer.model.config.vision_config._attn_implementation
     assert vision == (VISION_VARLEN_ATTENTION if enabled else "sdpa")
     assert trainer.train().training_loss > 0
+
+
+def test_packed_non_causal_attention_with_dropout_or_mask_fails_loudly():
+    """Plain SDPA would attend across the packed blocks: an error naming the fix instead."""
+    module = torch.nn.Module()
+    module.is_causal = False
+    q = k = v = torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for kwargs in ({"dropout": 0.1}, {"attention_mask": torch.ones(1, 1, 10, 10, dtype=torch.bool)}):
+        args = {"attention_mask": None, **kwargs}
+        with pytest.raises(ValueError, match="varlen_vision_attention=False"):
+            attention.varlen_sdpa_attention_forward(module, q, k, v, cu_seq_lens_q=cu, max_length_q=6, is_causal=False,
+                                                    **args)
+    out, _ = attention.varlen_sdpa_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6)
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+                      for s, e in ((0, 4), (4, 10))], 2).transpose(1, 2)
+    torch.testing.assert_close(out, want)

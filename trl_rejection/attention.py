@@ -255,8 +255,12 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2] \
-            and not dropout and (is_causal is False or not getattr(module, "is_causal", True)):
+    if cu is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] \
+            and (is_causal is False or not getattr(module, "is_causal", True)):
+        if attention_mask is not None or dropout:  # plain SDPA would attend across the sequences
+            raise ValueError(f"{type(module).__name__}: packed sequences (cu_seq_lens_q) of a non-causal attention "
+                             "with attention dropout or a mask are not supported. Fix: set the vision config's "
+                             "attention dropout to 0, or varlen_vision_attention=False.")
         return _varlen_bidirectional(module, query, key, value, cu, scaling, kwargs.get("max_length_q")), None
     packed = (cu is not None and attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
               and getattr(module, "is_causal", True) and not dropout)
