@@ -255,15 +255,13 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] \
-            and (is_causal is False or not getattr(module, "is_causal", True)):
-        if attention_mask is not None or dropout:  # plain SDPA would attend across the sequences
-            raise ValueError(f"{type(module).__name__}: packed sequences (cu_seq_lens_q) of a non-causal attention "
-                             "with attention dropout or a mask are not supported. Fix: set the vision config's "
-                             "attention dropout to 0, or varlen_vision_attention=False.")
-        return _varlen_bidirectional(module, query, key, value, cu, scaling, kwargs.get("max_length_q")), None
-    packed = (cu is not None and attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
-              and getattr(module, "is_causal", True) and not dropout)
+    one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]
+    bidirectional = cu is not None and one_row and (is_causal is False or not getattr(module, "is_causal", True))
+    if bidirectional and (attention_mask is not None or dropout):  # plain SDPA would attend across the sequences
+        raise ValueError(f"{type(module).__name__}: packed sequences (cu_seq_lens_q) of a non-causal attention "
+                         "with attention dropout or a mask are not supported. Fix: set the vision config's "
+                         "attention dropout to 0, or varlen_vision_attention=False.")
+    packed = cu is not None and attention_mask is None and one_row and not dropout
     if cu is None and attention_mask is None and query.shape[0] == 1 and kwargs.get("position_ids") is not None:
         pos = kwargs["position_ids"][0]
         starts = (pos == 0).nonzero().flatten()
@@ -278,33 +276,24 @@ def varlen_sdpa_attention_forward(module: torch.nn.Module, query: torch.Tensor, 
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     max_len = int(kwargs.get("max_length_q") or cu.diff().max())
+    half = varlen_backend(query.device) == "flash" and flash_input_dtype(query, key, value) is not None
+    if bidirectional:  # full attention within each sequence
+        full = _full_mask_kwargs()
+        if half and full is not None:
+            return _flash_varlen(query, key, value, cu, max_len, scaling, full), None
+        return _loop_varlen(query, key, value, cu, scaling, causal=False), None
     window = kwargs.get("sliding_window")
     window = window if window is not None and window < max_len else None  # no longer sequence: plain causal
     blocks = kwargs.get("image_block_ids")
     images = blocks is not None and any(_rows_with_images(cu, blocks))
     flash_kwargs = _flash_mask_kwargs(window)
-    flash = flash_kwargs is not None and varlen_backend(query.device) == "flash" \
-        and flash_input_dtype(query, key, value) is not None
+    flash = flash_kwargs is not None and half
     if flash and not images:
         return _flash_varlen(query, key, value, cu, max_len, scaling, flash_kwargs), None
     if flash and window is None and _full_mask_kwargs() is not None:  # images, no binding window
         return _flash_varlen_with_images(query, key, value, cu, max_len, scaling, blocks, flash_kwargs), None
     masks = _row_masks(cu, blocks, window, query.device) if images or window is not None else None
     return _loop_varlen(query, key, value, cu, scaling, masks), None
-
-
-def _varlen_bidirectional(module, query, key, value, cu, scaling, max_len):
-    """Full (non-causal) attention within each packed sequence: one varlen flash call, else one SDPA call each."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    full = _full_mask_kwargs()
-    flash = varlen_backend(query.device) == "flash" and flash_input_dtype(query, key, value) is not None
-    if full is not None and flash:
-        return _flash_varlen(query, key, value, cu, int(max_len or cu.diff().max()), scaling, full)
-    return _loop_varlen(query, key, value, cu, scaling, causal=False)
 
 
 def _varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
