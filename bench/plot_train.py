@@ -54,21 +54,22 @@ def read_runs(files: list[Path]) -> dict[tuple[str, str], list[dict]]:
 
 def plot_families(runs: dict[tuple[str, str], list[dict]], out: Path) -> None:
     shapes = [m for m in SHAPES if (m, "stock") in runs and (m, "ours") in runs]
+    tps = {(m, v): [r["real_tok_s"] for r in runs[(m, v)]] for m in shapes for v in ("stock", "ours")}
+    median = {key: statistics.median(values) for key, values in tps.items()}
     fig, ax = plt.subplots(figsize=(8, 0.9 * len(shapes) + 1.2))
     for i, m in enumerate(shapes):
         for j, (variant, color) in enumerate((("stock", "#c44e52"), ("ours", "#4c72b0"))):
-            tps = [r["real_tok_s"] for r in runs[(m, variant)]]
             y = i + 0.2 - 0.4 * j
-            ax.barh(y, statistics.median(tps), height=0.38, color=color, label=None if i else
+            ax.barh(y, median[(m, variant)], height=0.38, color=color, label=None if i else
                     ("stock TRL SFTTrainer" if variant == "stock" else "RejectionSFTTrainer (defaults)"))
-            ax.plot(tps, [y] * len(tps), "k.", markersize=4)
-        ours, stock = (statistics.median(r["real_tok_s"] for r in runs[(m, v)]) for v in ("ours", "stock"))
-        ax.text(max(r["real_tok_s"] for r in runs[(m, "ours")]) + 150, i - 0.2, f"{ours:,.0f}  ({ours / stock:.2f}x)",
+            ax.plot(tps[(m, variant)], [y] * len(tps[(m, variant)]), "k.", markersize=4)
+        ours = median[(m, "ours")]
+        ax.text(max(tps[(m, "ours")]) + 150, i - 0.2, f"{ours:,.0f}  ({ours / median[(m, 'stock')]:.2f}x)",
                 va="center", fontsize=8)
     ax.set_yticks(range(len(shapes)), [SHAPES[m] for m in shapes], fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel("real (non-padding) tokens/s, batch 16 (median; dots: each run)")
-    ax.set_xlim(0, max(statistics.median(r["real_tok_s"] for r in runs[(m, "ours")]) for m in shapes) * 1.3)
+    ax.set_xlim(0, max(median[(m, "ours")] for m in shapes) * 1.3)
     ax.set_title("stock TRL vs RejectionSFTTrainer, LoRA r=128, one H100", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
