@@ -17,7 +17,8 @@ vision tower, attention scores and LoRA matmuls are not counted); then a Markdow
 Variants (VARIANTS, comma-separated):
     stock          trl.SFTTrainer, its own DataCollatorForVisionLanguageModeling
     ours           RejectionSFTTrainer with its defaults: padding_free=True, cast_lora_inputs=False,
-                   fuse_elementwise_ops on (CUDA), random order, the same LoRA config as stock
+                   fuse_elementwise_ops on (CUDA), checkpoint_layers="auto", recompute_lora_dropout=True, random
+                   order, the same LoRA config as stock
     ours_<levers>  the defaults with levers changed, "_"-joined, e.g. ours_nofuse_padded:
                      nofuse / fused   fuse_elementwise_ops=False / True
                      padded           padding_free=False (padded batches, random order)
@@ -27,6 +28,10 @@ Variants (VARIANTS, comma-separated):
                      drop0            LoRA dropout 0 (otherwise LORA_DROPOUT, default 0.05, as for stock)
                      w0               dataloader_num_workers=0
                      nockpt           gradient_checkpointing=False (every activation kept)
+                     ckptall          checkpoint_layers="all" (every trainable layer checkpointed; default "auto":
+                                      as many layers kept as the measured memory allows, `uncheckpointed_layers` in
+                                      the JSON line per step)
+                     keepdrop         recompute_lora_dropout=False (PEFT's dropout keeps its dropped input + mask)
                      ckpt<N>          gradient_checkpointing_kwargs={"every_n_layers": N} (transformers: only every
                                       N-th block, vision and language layers counted together, recomputes)
     check          no training: loss + hidden states of one fixed batch, padded vs padding-free (bf16 on the GPU),
@@ -117,7 +122,8 @@ def train_variant(name: str, proc, ds):
     ours = name != "stock"
     flags = set(name.split("_")[1:])  # e.g. ours_nofuse_padded -> {"nofuse", "padded"}
     ckpt = {f for f in flags if f.startswith("ckpt") and f[4:].isdigit()}  # ckpt2: every 2nd layer checkpointed
-    unknown = flags - {"nofuse", "fused", "drop0", "upcast", "padded", "grouped", "w0", "loop", "nockpt"} - ckpt
+    unknown = flags - {"nofuse", "fused", "drop0", "upcast", "padded", "grouped", "w0", "loop", "nockpt", "ckptall",
+                       "keepdrop"} - ckpt
     if unknown:
         raise ValueError(f"unknown lever(s) {sorted(unknown)} in variant {name!r}")
     dropout = 0.0 if "drop0" in flags else LORA_DROPOUT
@@ -135,6 +141,10 @@ def train_variant(name: str, proc, ds):
         extra["cast_lora_inputs"] = True
     if "nofuse" in flags or "fused" in flags:
         extra["fuse_elementwise_ops"] = "fused" in flags
+    if "ckptall" in flags:
+        extra["checkpoint_layers"] = "all"
+    if "keepdrop" in flags:
+        extra["recompute_lora_dropout"] = False
     if "nockpt" in flags:
         common["gradient_checkpointing"] = False
     elif ckpt:  # transformers' every_n_layers
@@ -173,6 +183,7 @@ def train_variant(name: str, proc, ds):
         trainer.train()
         total = time.perf_counter() - t0
         losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+        kept = [h["uncheckpointed_layers"] for h in trainer.state.log_history if "uncheckpointed_layers" in h]
     os.environ.pop("TRL_REJECTION_VARLEN", None)
     dt = meter.times[-1] - meter.times[WARM - 1]
     real, padded, rows = sum(meter.real[WARM:STEPS]), sum(meter.padded[WARM:STEPS]), sum(meter.rows[WARM:STEPS])
@@ -184,7 +195,7 @@ def train_variant(name: str, proc, ds):
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
                   tflops_6N=6 * N_LM * real / dt / 1e12, attn=attn, fused_lm_head=fused,
                   padding_free=getattr(trainer, "padding_free", False) if ours else False,
-                  total_train_s=total, losses=losses)
+                  total_train_s=total, losses=losses, uncheckpointed_layers=kept)
     if PROFILE and (prof_dir / "rank0.json").exists():
         result["profile"] = json.loads((prof_dir / "rank0.json").read_text())
     log(**result)

@@ -509,6 +509,63 @@ def test_peft_disable_input_dtype_casting_turns_off_the_lora_input_cast(llava):
         assert all(m.cast_input_dtype_enabled for m in layers)
 
 
+def test_peft_lora_linear_forward_applies_lora_a_to_the_dropout_output():
+    """lora_dropout.recompute_lora_dropout moves each adapter's dropout into its `lora_A` (and puts an Identity in
+    `lora_dropout`): it relies on PEFT's LoRA `Linear.forward` computing `base(x) + lora_B(lora_A(dropout(x))) *
+    scaling` from the `lora_A` / `lora_B` / `lora_dropout` module dicts for adapters not in `lora_variant`."""
+    skip_unless_used("peft.tuners.lora import Linear")
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    with contract("peft.tuners.lora.Linear.forward: `result + lora_B(lora_A(dropout(x))) * scaling` for vanilla "
+                  "adapters (modules from `lora_A`, `lora_B`, `lora_dropout`; variants in `lora_variant`)",
+                  "trl_rejection/lora_dropout.py recompute_lora_dropout (recompute_lora_dropout=True)",
+                  "follow PEFT's new LoRA forward (e.g. wrap the new call of the dropout), or turn the option off by "
+                  "default until it does."):
+        torch.manual_seed(0)
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 6)),
+                               LoraConfig(r=2, lora_dropout=0.5, target_modules=["0"]))
+        layer = model.base_model.model[0]
+        assert type(layer) is LoraLinear and "default" not in layer.lora_variant
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        calls = []
+        layer.lora_dropout["default"].register_forward_hook(lambda m, a, out: calls.append(("dropout", a[0], out)))
+        layer.lora_A["default"].register_forward_hook(lambda m, a, out: calls.append(("lora_A", a[0], out)))
+        x = torch.randn(3, 8)
+        out = layer(x)
+        (first, x_in, dropped), (second, a_in, a_out) = calls
+        assert (first, second) == ("dropout", "lora_A") and x_in is x and a_in is dropped
+        expected = layer.base_layer(x) + layer.lora_B["default"](a_out) * layer.scaling["default"]
+        torch.testing.assert_close(out, expected)
+
+
+def test_transformers_checkpointing_flag_of_each_layer_is_read_at_its_forward():
+    """checkpointing.AutoLayerCheckpointing and lora_dropout set `GradientCheckpointingLayer.gradient_checkpointing` on
+    single layers between micro-batches: transformers must read each layer's own flag at each forward (as its
+    `every_n_layers` does) and recompute exactly the flagged layers in the backward."""
+    skip_unless_used("layer.gradient_checkpointing = ")
+    import transformers
+
+    with contract("transformers.GradientCheckpointingLayer: a layer's `gradient_checkpointing` attribute, read at "
+                  "each forward, decides whether that layer is checkpointed",
+                  "trl_rejection/checkpointing.py AutoLayerCheckpointing (checkpoint_layers=\"auto\"), "
+                  "trl_rejection/lora_dropout.py",
+                  "find transformers' new per-layer switch, or make checkpoint_layers default to \"all\"."):
+        config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(config).train()
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        layers = [m for m in model.modules() if isinstance(m, transformers.GradientCheckpointingLayer)]
+        assert len(layers) == 3 and all(layer.gradient_checkpointing for layer in layers)
+        counts = [0, 0, 0]
+        for i, layer in enumerate(layers):
+            layer.mlp.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        layers[1].gradient_checkpointing = False
+        ids = torch.arange(8)[None]
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert counts == [2, 1, 2], counts  # the flagged layers ran again in the backward, the other one did not
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # argparse (stdlib) under TRL's TrlParser
 # --------------------------------------------------------------------------------------------------------------------

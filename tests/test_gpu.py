@@ -304,3 +304,34 @@ def test_varlen_flash_attends_fully_within_each_block_and_nowhere_else():
     causal = per_block(True).transpose(1, 2)
     leaky = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in (q, k, v))).transpose(1, 2)
     assert float((causal - ref).abs().max()) > 10 * err and float((leaky - ref).abs().max()) > 10 * err
+
+
+def test_auto_checkpointing_keeps_layers_and_the_losses_of_full_checkpointing(tmp_path):
+    """`checkpoint_layers="auto"` on a GPU, with its real memory readings: the first micro-batch measures one layer,
+    then every layer of the tiny model fits uncheckpointed; LoRA dropout (recomputed) on. The losses are those of
+    every layer checkpointed."""
+    from peft import LoraConfig
+
+    from trl_rejection.checkpointing import checkpointed_layers
+    from trl_rejection.testing.tiny import make_model, make_processor
+    from trl_rejection.trainer import RejectionSFTTrainer
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_trainer import LORA_TARGETS, config, mix
+
+    proc = make_processor("llava-1.5")
+    peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=LORA_TARGETS,
+                      modules_to_save=["multi_modal_projector"])
+    runs = {}
+    for mode in ("all", "auto"):
+        args = config(tmp_path / mode, use_cpu=False, bf16=True, max_steps=4, gradient_checkpointing=True,
+                      checkpoint_layers=mode)
+        trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=mix(),
+                                      processing_class=proc, peft_config=peft)
+        assert (trainer._auto_checkpointing is not None) == (mode == "auto")
+        trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        runs[mode] = ([h["loss"] for h in history], [h.get("uncheckpointed_layers") for h in history],
+                      len(checkpointed_layers(trainer.model)))
+    (losses_all, kept_all, _), (losses_auto, kept_auto, n_layers) = runs["all"], runs["auto"]
+    assert kept_all == [None] * 4 and kept_auto == [1] + [n_layers] * 3, kept_auto
+    assert losses_auto == losses_all

@@ -118,6 +118,23 @@ class RejectionSFTConfig(SFTConfig):
             Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) as
             `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`,
             on when training on CUDA.
+        checkpoint_layers (`str`, *optional*, defaults to `"auto"`):
+            With `gradient_checkpointing`, which trainable layers (those holding a LoRA or other trained parameter)
+            are checkpointed: `"all"` (transformers: every layer's forward runs again in the backward), or `"auto"`:
+            before each micro-batch, as many layers as fit keep their activations instead, from the bytes per token
+            one layer keeps (measured on the first micro-batch), the memory a fully checkpointed step needs per token
+            (measured, raised whenever a micro-batch sets a new peak) and `checkpoint_memory_fraction`. Same losses;
+            the mean number of layers kept is logged as `uncheckpointed_layers`. CUDA only (elsewhere `"all"`); no
+            effect when `gradient_checkpointing_kwargs` sets `every_n_layers`. Resets the device's peak-memory
+            statistics at the first micro-batch.
+        checkpoint_memory_fraction (`float`, *optional*, defaults to `0.85`):
+            Fraction of the GPU's memory that `checkpoint_layers="auto"` plans a micro-batch to fill. Lower it when
+            the GPU is shared with another process or runs out of memory.
+        recompute_lora_dropout (`bool`, *optional*, defaults to `True`):
+            Recompute each LoRA adapter's dropout and `lora_A` in the backward instead of keeping the dropped copy of
+            its input and the mask (PEFT keeps both per LoRA layer: ~100 KB per token and layer on Llama-2-7B, ~40% of
+            what an uncheckpointed layer keeps). The same random masks, so the same losses; it only acts in layers
+            that gradient checkpointing does not recompute anyway.
 
         > Parameters that control multi-GPU training
 
@@ -239,6 +256,23 @@ class RejectionSFTConfig(SFTConfig):
         "help": "Run the language model's RMSNorms and SiLU-gated MLP activations (Llama, Mistral, Qwen2/3 layers) "
         "as `torch.compile`-fused kernels, compiled once at the first step; matmuls and LoRA stay eager. If `None`, "
         "on when training on CUDA."})
+    checkpoint_layers: Literal["all", "auto"] = field(default="auto", metadata={
+        "help": "With `gradient_checkpointing`, which trainable layers (those holding a LoRA or other trained "
+        "parameter) are checkpointed: `\"all\"` (transformers: every layer's forward runs again in the backward), "
+        "or `\"auto\"`: before each micro-batch, as many layers as fit keep their activations instead, from the "
+        "bytes per token one layer keeps (measured on the first micro-batch), the memory a fully checkpointed step "
+        "needs per token (measured, raised whenever a micro-batch sets a new peak) and `checkpoint_memory_fraction`. "
+        "Same losses; the mean number of layers kept is logged as `uncheckpointed_layers`. CUDA only (elsewhere "
+        "`\"all\"`); no effect when `gradient_checkpointing_kwargs` sets `every_n_layers`. Resets the device's "
+        "peak-memory statistics at the first micro-batch."})
+    checkpoint_memory_fraction: float = field(default=0.85, metadata={
+        "help": "Fraction of the GPU's memory that `checkpoint_layers=\"auto\"` plans a micro-batch to fill. Lower it "
+        "when the GPU is shared with another process or runs out of memory."})
+    recompute_lora_dropout: bool = field(default=True, metadata={
+        "help": "Recompute each LoRA adapter's dropout and `lora_A` in the backward instead of keeping the dropped "
+        "copy of its input and the mask (PEFT keeps both per LoRA layer: ~100 KB per token and layer on Llama-2-7B, "
+        "~40% of what an uncheckpointed layer keeps). The same random masks, so the same losses; it only acts in "
+        "layers that gradient checkpointing does not recompute anyway."})
 
     # Parameters that control multi-GPU training
     balance_micro_batches: bool = field(default=True, metadata={
@@ -275,6 +309,8 @@ class RejectionSFTConfig(SFTConfig):
         check_range(self, "num_train_epochs", non_negative, "a number of epochs >= 0", "give e.g. 3")
         check_range(self, "data_wait_warning", lambda v: 0 < v < 1, "a fraction of the training time between 0 and "
                     "1", "give e.g. 0.1, or null for no warning")
+        check_range(self, "checkpoint_memory_fraction", lambda v: 0 < v <= 1, "a fraction of the GPU's memory in "
+                    "(0, 1]", "give e.g. 0.85, or checkpoint_layers: all to checkpoint every layer")
         check_range(self, "dataloader_num_workers", lambda v: v >= 0, "a number of processes >= 0", "give e.g. 4")
         check_range(self, "remove_unused_columns", lambda v: not v, "False (the collator reads the `messages`, "
                     "`images` and `is_refusal` columns, which the model's forward does not take)",

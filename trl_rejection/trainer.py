@@ -30,6 +30,7 @@ from trl import SFTTrainer
 from . import distributed
 from .attention import use_varlen_attention, use_varlen_vision_attention
 from .balance import TokenBalancedSampler
+from .checkpointing import AutoLayerCheckpointing, CudaMemory
 from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
 from .data_wait import DataWaitMeter
@@ -37,6 +38,7 @@ from .dataset_checks import check_dataset, drop_empty_images
 from .extras import keep_trained_modules_unquantized
 from .frozen_vision import skip_frozen_vision_backward
 from .fused import fuse_elementwise_ops
+from .lora_dropout import recompute_lora_dropout
 from .optim import fp32_masters, keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
 from .processing import is_vlm_processor
@@ -217,6 +219,15 @@ class RejectionSFTTrainer(SFTTrainer):
         fuse = args.fuse_elementwise_ops
         if fuse or (fuse is None and self.args.device.type == "cuda"):
             fuse_elementwise_ops(self.model)
+        if args.recompute_lora_dropout:
+            recompute_lora_dropout(self.model)
+        every_n = (args.gradient_checkpointing_kwargs or {}).get("every_n_layers", 1) \
+            if isinstance(args.gradient_checkpointing_kwargs, dict) else 1
+        self._auto_checkpointing = None
+        if args.gradient_checkpointing and args.checkpoint_layers == "auto" and every_n == 1 \
+                and self.args.device.type == "cuda":
+            self._auto_checkpointing = AutoLayerCheckpointing(self.model, args.checkpoint_memory_fraction,
+                                                              CudaMemory(self.args.device))
         self._data_wait = DataWaitMeter(args.data_wait_warning, on_accelerator=self.args.device.type != "cpu",
                                         workers=args.dataloader_num_workers)
 
@@ -248,10 +259,17 @@ class RejectionSFTTrainer(SFTTrainer):
             return contextlib.nullcontext()
         return disable_input_dtype_casting(self.model)
 
-    def training_step(self, *args, **kwargs):
+    def training_step(self, model, inputs, *args, **kwargs):
         # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward.
-        with self._lora_input_cast_context():
-            return super().training_step(*args, **kwargs)
+        with self._lora_input_cast_context(), self._checkpointing_context(inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def _checkpointing_context(self, inputs: dict[str, Any]):
+        """`checkpoint_layers="auto"`: this micro-batch's layers to checkpoint, chosen from its token count."""
+        ids = inputs.get("input_ids")
+        if self._auto_checkpointing is None or ids is None:
+            return contextlib.nullcontext()
+        return self._auto_checkpointing.micro_batch(ids.numel())
 
     def prediction_step(self, *args, **kwargs):
         with self._lora_input_cast_context():
@@ -325,6 +343,10 @@ class RejectionSFTTrainer(SFTTrainer):
             logs["data_wait_fraction"] = round(measured.fraction, 4)
             if warning := self._data_wait.warning(measured):
                 logger.warning(warning)
+        kept = self._auto_checkpointing.pop() if mode == "train" and "loss" in logs and self._auto_checkpointing \
+            else None
+        if kept is not None:
+            logs["uncheckpointed_layers"] = round(kept, 2)
         sums = self._split_sums.pop(mode, None)
         if sums is not None:
             prefix = "eval_" if mode == "eval" else ""
