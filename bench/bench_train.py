@@ -32,6 +32,7 @@ Variants (VARIANTS, comma-separated):
                                       as many layers kept as the measured memory allows, `uncheckpointed_layers` in
                                       the JSON line per step)
                      keepdrop         recompute_lora_dropout=False (PEFT's dropout keeps its dropped input + mask)
+                     mem<NN>          checkpoint_memory_fraction=NN/100 (default 0.85)
                      ckpt<N>          gradient_checkpointing_kwargs={"every_n_layers": N} (transformers: only every
                                       N-th block, vision and language layers counted together, recomputes)
     check          no training: loss + hidden states of one fixed batch, padded vs padding-free (bf16 on the GPU),
@@ -122,8 +123,9 @@ def train_variant(name: str, proc, ds):
     ours = name != "stock"
     flags = set(name.split("_")[1:])  # e.g. ours_nofuse_padded -> {"nofuse", "padded"}
     ckpt = {f for f in flags if f.startswith("ckpt") and f[4:].isdigit()}  # ckpt2: every 2nd layer checkpointed
+    mem = {f for f in flags if f.startswith("mem") and f[3:].isdigit()}  # mem92: checkpoint_memory_fraction=0.92
     unknown = flags - {"nofuse", "fused", "drop0", "upcast", "padded", "grouped", "w0", "loop", "nockpt", "ckptall",
-                       "keepdrop"} - ckpt
+                       "keepdrop"} - ckpt - mem
     if unknown:
         raise ValueError(f"unknown lever(s) {sorted(unknown)} in variant {name!r}")
     dropout = 0.0 if "drop0" in flags else LORA_DROPOUT
@@ -143,6 +145,8 @@ def train_variant(name: str, proc, ds):
         extra["fuse_elementwise_ops"] = "fused" in flags
     if "ckptall" in flags:
         extra["checkpoint_layers"] = "all"
+    if mem:
+        extra["checkpoint_memory_fraction"] = int(next(iter(mem))[3:]) / 100
     if "keepdrop" in flags:
         extra["recompute_lora_dropout"] = False
     if "nockpt" in flags:
