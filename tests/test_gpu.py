@@ -168,6 +168,20 @@ def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, co
     assert torch.isfinite(merged.cuda()(input_ids=ids).logits).all()
 
 
+@pytest.mark.parametrize("config", ["multi_gpu", "fsdp", "zero3"])
+def test_two_gpus_train_with_auto_checkpointing(tmp_path, config):
+    """`checkpoint_layers="auto"` (the default) with gradient checkpointing on, under DDP, FSDP and ZeRO-3 (reentrant
+    checkpointing there, as TRL forces with PEFT): the recipe trains, and every logged step says how many of the
+    layers kept their activations (the first micro-batch measures one)."""
+    _needs(config)
+    launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "4", "--mix", SMALL_MIX, "--eval_bundled",
+           "false", "--gradient_checkpointing", "true", "--logging_steps", "1", "--save_strategy", "steps",
+           "--save_steps", "4")
+    history = json.loads((tmp_path / config / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    kept = [h.get("uncheckpointed_layers") for h in history if "loss" in h]
+    assert len(kept) == 4 and kept[0] == 1 and all(k is not None and k >= 1 for k in kept), kept
+
+
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])
 def test_sharded_checkpoint_resumes_to_the_same_losses_and_the_adapter_loads_anywhere(tmp_path, config):
     """Train 8 steps with sharded checkpoints at 4 and 8; resume a second run from checkpoint-4: steps 5-8 log the
