@@ -39,6 +39,15 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             and any(p.requires_grad for p in m.parameters())]
 
 
+def storage_pointer(t: torch.Tensor) -> int | None:
+    """The data pointer of `t`'s storage; None for tensors without a plain storage (FSDP2's sharded DTensor
+    parameters: their gathered copies, which the layer saves, then count as the layer's own, an overestimate)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 @contextlib.contextmanager
 def count_saved_bytes(module: torch.nn.Module, exclude: set[int]) -> Iterator[list[int]]:
     """Count the bytes of the distinct storages (except those whose data pointer is in `exclude`: the parameters')
@@ -48,9 +57,9 @@ def count_saved_bytes(module: torch.nn.Module, exclude: set[int]) -> Iterator[li
     count = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
+        ptr = storage_pointer(t)
+        if ptr is not None and ptr not in exclude:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -122,7 +131,7 @@ class AutoLayerCheckpointing:
         tokens = max(tokens, 1)
         if self.per_token is None:  # first micro-batch: measure the last layer, checkpoint the rest
             self.memory.reset_peak()  # loading peaks are not the step's
-            params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+            params = {storage_pointer(p) for p in self.model.parameters()} - {None}
             probe = count_saved_bytes(layers[-1], params)
             n = 1
         else:
