@@ -17,8 +17,8 @@ vision tower, attention scores and LoRA matmuls are not counted); then a Markdow
 Variants (VARIANTS, comma-separated):
     stock          trl.SFTTrainer, its own DataCollatorForVisionLanguageModeling
     ours           RejectionSFTTrainer with its defaults: padding_free=True, cast_lora_inputs=False,
-                   fuse_elementwise_ops and fuse_lora_output on (CUDA), checkpoint_layers="auto",
-                   recompute_lora_dropout=True, random order, the same LoRA config as stock
+                   fuse_elementwise_ops on (CUDA), checkpoint_layers="auto", recompute_lora_dropout=True, random
+                   order, the same LoRA config as stock
     ours_<levers>  the defaults with levers changed, "_"-joined, e.g. ours_nofuse_padded:
                      nofuse / fused   fuse_elementwise_ops=False / True
                      padded           padding_free=False (padded batches, random order)
@@ -33,7 +33,6 @@ Variants (VARIANTS, comma-separated):
                                       the JSON line per step)
                      keepdrop         recompute_lora_dropout=False (PEFT's dropout keeps its dropped input + mask)
                      mem<NN>          checkpoint_memory_fraction=NN/100 (default 0.85)
-                     nofuselora       fuse_lora_output=False (PEFT's multiply + add of each LoRA output)
                      ckpt<N>          gradient_checkpointing_kwargs={"every_n_layers": N} (transformers: only every
                                       N-th block, vision and language layers counted together, recomputes)
     check          no training: loss + hidden states of one fixed batch, padded vs padding-free (bf16 on the GPU),
@@ -126,7 +125,7 @@ def train_variant(name: str, proc, ds):
     ckpt = {f for f in flags if f.startswith("ckpt") and f[4:].isdigit()}  # ckpt2: every 2nd layer checkpointed
     mem = {f for f in flags if f.startswith("mem") and f[3:].isdigit()}  # mem92: checkpoint_memory_fraction=0.92
     unknown = flags - {"nofuse", "fused", "drop0", "upcast", "padded", "grouped", "w0", "loop", "nockpt", "ckptall",
-                       "keepdrop", "nofuselora"} - ckpt - mem
+                       "keepdrop"} - ckpt - mem
     if unknown:
         raise ValueError(f"unknown lever(s) {sorted(unknown)} in variant {name!r}")
     dropout = 0.0 if "drop0" in flags else LORA_DROPOUT
@@ -150,8 +149,6 @@ def train_variant(name: str, proc, ds):
         extra["checkpoint_memory_fraction"] = int(next(iter(mem))[3:]) / 100
     if "keepdrop" in flags:
         extra["recompute_lora_dropout"] = False
-    if "nofuselora" in flags:
-        extra["fuse_lora_output"] = False
     if "nockpt" in flags:
         common["gradient_checkpointing"] = False
     elif ckpt:  # transformers' every_n_layers

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from trl_rejection.checkpointing import AutoLayerCheckpointing, checkpointed_layers, count_saved_bytes
 from trl_rejection.config import RejectionSFTConfig
-from trl_rejection.lora import recompute_lora_dropout
+from trl_rejection.lora_dropout import recompute_lora_dropout
 from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.validation import ConfigError
 

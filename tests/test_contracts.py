@@ -519,8 +519,7 @@ def test_peft_lora_linear_forward_applies_lora_a_to_the_dropout_output():
 
     with contract("peft.tuners.lora.Linear.forward: `result + lora_B(lora_A(dropout(x))) * scaling` for vanilla "
                   "adapters (modules from `lora_A`, `lora_B`, `lora_dropout`; variants in `lora_variant`)",
-                  "trl_rejection/lora.py recompute_lora_dropout (recompute_lora_dropout=True) and fuse_lora_output "
-                  "(fuse_lora_output)",
+                  "trl_rejection/lora_dropout.py recompute_lora_dropout (recompute_lora_dropout=True)",
                   "follow PEFT's new LoRA forward (e.g. wrap the new call of the dropout), or turn the option off by "
                   "default until it does."):
         torch.manual_seed(0)
@@ -550,7 +549,7 @@ def test_transformers_checkpointing_flag_of_each_layer_is_read_at_its_forward():
     with contract("transformers.GradientCheckpointingLayer: a layer's `gradient_checkpointing` attribute, read at "
                   "each forward, decides whether that layer is checkpointed",
                   "trl_rejection/checkpointing.py AutoLayerCheckpointing (checkpoint_layers=\"auto\"), "
-                  "trl_rejection/lora.py",
+                  "trl_rejection/lora_dropout.py",
                   "find transformers' new per-layer switch, or make checkpoint_layers default to \"all\"."):
         config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
                                           num_attention_heads=2, num_key_value_heads=2)

@@ -135,12 +135,6 @@ class RejectionSFTConfig(SFTConfig):
             its input and the mask (PEFT keeps both per LoRA layer: ~100 KB per token and layer on Llama-2-7B, ~40% of
             what an uncheckpointed layer keeps). The same random masks, so the same losses; it only acts in layers
             that gradient checkpointing does not recompute anyway.
-        fuse_lora_output (`bool`, *optional*):
-            Add each LoRA adapter's scaled output to the base layer's output inside one matmul (`addmm` with
-            `alpha=scaling`) instead of PEFT's multiply and add over the whole output, forward and backward. The same
-            sum rounded once instead of three times in half precision: equal to PEFT's within bf16 rounding, not bit
-            for bit. PEFT's own forward still runs for DoRA and other variants, LoRA biases, merged adapters, ZeRO-3
-            and inputs PEFT upcasts (`cast_lora_inputs=True`). If `None`, on when training on CUDA.
 
         > Parameters that control multi-GPU training
 
@@ -279,12 +273,6 @@ class RejectionSFTConfig(SFTConfig):
         "copy of its input and the mask (PEFT keeps both per LoRA layer: ~100 KB per token and layer on Llama-2-7B, "
         "~40% of what an uncheckpointed layer keeps). The same random masks, so the same losses; it only acts in "
         "layers that gradient checkpointing does not recompute anyway."})
-    fuse_lora_output: bool | None = field(default=None, metadata={
-        "help": "Add each LoRA adapter's scaled output to the base layer's output inside one matmul (`addmm` with "
-        "`alpha=scaling`) instead of PEFT's multiply and add over the whole output, forward and backward. The same "
-        "sum rounded once instead of three times in half precision: equal to PEFT's within bf16 rounding, not bit "
-        "for bit. PEFT's own forward still runs for DoRA and other variants, LoRA biases, merged adapters, ZeRO-3 "
-        "and inputs PEFT upcasts (`cast_lora_inputs=True`). If `None`, on when training on CUDA."})
 
     # Parameters that control multi-GPU training
     balance_micro_batches: bool = field(default=True, metadata={

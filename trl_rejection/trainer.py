@@ -38,7 +38,7 @@ from .dataset_checks import check_dataset, drop_empty_images
 from .extras import keep_trained_modules_unquantized
 from .frozen_vision import skip_frozen_vision_backward
 from .fused import fuse_elementwise_ops
-from .lora import fuse_lora_output, recompute_lora_dropout
+from .lora_dropout import recompute_lora_dropout
 from .optim import fp32_masters, keep_embeddings_32bit, projector_parameter_ids, split_projector_groups
 from .packing import mrope_packed_inputs, padding_free_supported, rope_index_module, token_row_index
 from .processing import is_vlm_processor
@@ -221,9 +221,6 @@ class RejectionSFTTrainer(SFTTrainer):
             fuse_elementwise_ops(self.model)
         if args.recompute_lora_dropout:
             recompute_lora_dropout(self.model)
-        fuse_lora = args.fuse_lora_output
-        if fuse_lora or (fuse_lora is None and self.args.device.type == "cuda"):
-            fuse_lora_output(self.model)
         every_n = (args.gradient_checkpointing_kwargs or {}).get("every_n_layers", 1) \
             if isinstance(args.gradient_checkpointing_kwargs, dict) else 1
         self._auto_checkpointing = None
