@@ -188,6 +188,9 @@ def train_variant(name: str, proc, ds):
         total = time.perf_counter() - t0
         losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
         kept = [h["uncheckpointed_layers"] for h in trainer.state.log_history if "uncheckpointed_layers" in h]
+        peak = torch.cuda.max_memory_allocated() if CUDA else 0
+        auto = getattr(trainer, "_auto_checkpointing", None)
+        peak = max(peak, auto.peak_bytes if auto is not None else 0)  # auto resets the device's peak each micro-batch
     os.environ.pop("TRL_REJECTION_VARLEN", None)
     dt = meter.times[-1] - meter.times[WARM - 1]
     real, padded, rows = sum(meter.real[WARM:STEPS]), sum(meter.padded[WARM:STEPS]), sum(meter.rows[WARM:STEPS])
@@ -196,7 +199,7 @@ def train_variant(name: str, proc, ds):
                   step_s=dt / (STEPS - WARM), real_tok_s=real / dt, samples_s=rows / dt, padded_tok_s=padded / dt,
                   pad_frac=1 - sum(meter.real) / sum(meter.padded),
                   mean_real_tokens_per_row=sum(meter.real) / (BS * STEPS),
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
+                  peak_gib=peak / 2**30,
                   tflops_6N=6 * N_LM * real / dt / 1e12, attn=attn, fused_lm_head=fused,
                   padding_free=getattr(trainer, "padding_free", False) if ours else False,
                   total_train_s=total, losses=losses, uncheckpointed_layers=kept)

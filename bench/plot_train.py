@@ -3,6 +3,8 @@
     python bench/plot_train.py bench/results/2026-11-25-h100-call-*.jsonl --out docs/img/throughput.png
     python bench/plot_train.py bench/results/2026-11-26-h100-s20-call*.jsonl --out docs/img/throughput.png \
         --families-out docs/img/throughput_families.png
+    python bench/plot_train.py bench/results/2026-11-26-h100-s21-call5-llava-levers.jsonl \
+        --label "ours=defaults + fuse_lora_output (dropped)" --label "ours_nofuselora=defaults (today)"
 
 `--out`: the LLaVA-1.5-7B levers, one bar per variant: the median real tokens/s over every run of it in the given
 files (each run a dot), with its peak GPU memory written on the bar. `--families-out`: stock TRL vs the defaults for
@@ -32,6 +34,8 @@ LABELS = {
     "ours_padded": "padded, random order",
     "ours_loop": "padding-free, per-row SDPA",
     "ours_ckpt2": "checkpoint every 2nd block only",
+    "ours_ckptall": "every block checkpointed",
+    "ours_keepdrop": "PEFT's LoRA dropout (input copy kept)",
 }
 SHAPES = {"llava-1.5": "LLaVA-1.5-7B", "qwen2.5-vl": "Qwen2.5-VL-7B", "qwen3-vl": "Qwen3-VL-8B", "gemma3": "Gemma-3-4B",
           "gemma3-12b": "Gemma-3-12B"}
@@ -83,11 +87,14 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/img/throughput.png"))
     parser.add_argument("--families-out", type=Path, default=None)
+    parser.add_argument("--label", action="append", default=[], metavar="VARIANT=TEXT",
+                        help="name a variant's bar in the levers chart (adds variants without a default label)")
     args = parser.parse_args()
+    labels = {**LABELS, **dict(item.split("=", 1) for item in args.label)}
     every = read_runs(args.files)
     if args.families_out is not None:
         plot_families(every, args.families_out)
-    runs = {v: recs for (m, v), recs in every.items() if m == "llava-1.5" and v in LABELS}
+    runs = {v: recs for (m, v), recs in every.items() if m == "llava-1.5" and v in labels}
     names = sorted(runs, key=lambda n: statistics.median(r["real_tok_s"] for r in runs[n]))
     medians = [statistics.median(r["real_tok_s"] for r in runs[n]) for n in names]
     colors = ["#c44e52" if n == "stock" else "#4c72b0" if n == "ours" else "#9aa9c4" for n in names]
@@ -98,7 +105,7 @@ def main() -> None:
         peak = max(r["peak_gib"] for r in runs[n])
         ax.text(max(r["real_tok_s"] for r in runs[n]) + 150, i, f"{medians[i]:,.0f}  ({peak:.1f} GiB)",
                 va="center", fontsize=8)
-    ax.set_yticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
+    ax.set_yticks(range(len(names)), [labels[n] for n in names], fontsize=8)
     ax.set_xlabel("real (non-padding) tokens/s, batch 16 (median; dots: each run)")
     ax.set_xlim(0, max(medians) * 1.3)
     ax.set_title("LLaVA-1.5-7B shape, LoRA r=128, one H100", fontsize=10)

@@ -15,7 +15,7 @@ from trl_rejection.attention import (flash_input_dtype, register_varlen_attentio
 from trl_rejection.collator import RejectionDataCollator
 from trl_rejection.config import RejectionSFTConfig
 from trl_rejection.constants import DEFAULT_REFUSAL, IGNORE_INDEX
-from trl_rejection.packing import mrope_packed_inputs, pack_padded_batch, rope_index_module
+from trl_rejection.packing import mrope_packed_inputs, pack_padded_batch, rope_index_module, token_row_index
 from trl_rejection.sampler import ModalityLengthGroupedSampler, estimate_lengths, image_token_count
 from trl_rejection.testing.tiny import make_model, make_processor
 from trl_rejection.trainer import RejectionSFTTrainer
@@ -57,6 +57,12 @@ def test_pack_padded_batch_positions_boundaries_and_labels():
     assert padded["labels"][0, 9:].eq(IGNORE_INDEX).all() and padded["cu_seq_lens_q"].tolist() == [0, 4, 6, 9, 16]
     with pytest.raises(ValueError, match="right-padded"):
         pack_padded_batch({**batch, "attention_mask": batch["attention_mask"].flip(1)}, pad_token_id=0)
+    # the row of each token (split losses): from cu_seq_lens_q, the padding a row of its own; the same from positions
+    assert token_row_index(out, out["labels"].shape).tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2]]
+    assert token_row_index(padded, padded["labels"].shape).tolist() == [[0] * 4 + [1] * 2 + [2] * 3 + [3] * 7]
+    no_cu = {k: v for k, v in padded.items() if not k.startswith("cu_seq")}
+    assert torch.equal(token_row_index(no_cu, padded["labels"].shape), token_row_index(padded, padded["labels"].shape))
+    assert token_row_index(batch, batch["labels"].shape) is None  # padded batches: rows are rows
 
 
 def test_varlen_attention_matches_per_sequence_sdpa_with_gqa():

@@ -97,6 +97,22 @@ def test_recompute_lora_dropout_leaves_zero_and_in_place_dropout_alone():
     assert recompute_lora_dropout(model) == 0
 
 
+def test_recompute_lora_dropout_checkpoints_only_in_layers_not_recomputed_anyway(monkeypatch):
+    from trl_rejection import lora_dropout
+
+    calls = []
+    real = lora_dropout.checkpoint
+    monkeypatch.setattr(lora_dropout, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_lm()
+    recompute_lora_dropout(model)
+    loss_and_grads(model)
+    assert len(calls) == 4 * len(TARGETS)  # no layer checkpointed: every adapter's dropout recomputed on its own
+    calls.clear()
+    enable_checkpointing(model)
+    loss_and_grads(model)
+    assert not calls  # every layer checkpointed: the plain path (the layer's recompute replays the dropout)
+
+
 class FakeMemory:
     """Allocator readings set by the test: `allocated` now, the `peak` the next micro-batch reaches."""
 
@@ -119,15 +135,15 @@ class FakeMemory:
 
 
 class FlagSpy:
-    """Records each trainable layer's checkpointing flag as its forward starts."""
+    """Records each trainable layer's checkpointing flag as its forward starts; the micro-batch "reaches" the fake
+    memory's `next_peak` when the last layer to run starts."""
 
-    def __init__(self, model: torch.nn.Module, memory: FakeMemory):
+    def __init__(self, model: torch.nn.Module, memory: FakeMemory, peak_layer: int = -1):
         self.flags: list[bool] = []
-        for layer in checkpointed_layers(model):
+        layers = checkpointed_layers(model)
+        for layer in layers:
             layer.register_forward_pre_hook(lambda m, *_: self.flags.append(m.gradient_checkpointing))
-        # the micro-batch "reaches" its peak when the last layer runs
-        checkpointed_layers(model)[-1].register_forward_hook(
-            lambda *_: setattr(memory, "max", max(memory.max, memory.next_peak)))
+        layers[peak_layer].register_forward_pre_hook(lambda *_: setattr(memory, "max", max(memory.max, memory.next_peak)))
 
 
 def run(auto: AutoLayerCheckpointing, model: torch.nn.Module, spy: FlagSpy, tokens: int = 48) -> list[bool]:
@@ -137,49 +153,100 @@ def run(auto: AutoLayerCheckpointing, model: torch.nn.Module, spy: FlagSpy, toke
     return spy.flags[:len(checkpointed_layers(model))]  # the forward's (older transformers rerun hooks in recomputes)
 
 
-def test_auto_measures_one_layer_then_keeps_the_last_layers_that_fit():
+GIB = 1 << 30
+
+
+def test_auto_measures_the_last_layer_to_run_then_keeps_the_last_layers_that_fit():
     model = tiny_lm()
     enable_checkpointing(model)
-    gib = 1 << 30
-    memory = FakeMemory(total=10 * gib, allocated=2 * gib, peak=3 * gib)
+    memory = FakeMemory(total=10 * GIB, allocated=2 * GIB, peak=3 * GIB)
     spy = FlagSpy(model, memory)
     auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory)
 
-    # first micro-batch: the last layer runs uncheckpointed and is measured, the peak is read after a reset
+    # micro-batch 1: every layer checkpointed; the step's memory per token is measured from its own peak
+    assert run(auto, model, spy) == [True] * 4
+    assert memory.resets == 1 and auto.per_token is None and auto.transient == pytest.approx(GIB / 48)
+    # micro-batch 2: the last layer runs uncheckpointed and its saved bytes are counted (parameters excluded)
+    memory.next_peak = 3 * GIB
     assert run(auto, model, spy) == [True, True, True, False]
-    assert memory.resets == 1 and auto.per_token > 0
-    assert auto.transient == pytest.approx(max(gib / 48 - auto.per_token, 0))
-    assert all(layer.gradient_checkpointing for layer in checkpointed_layers(model))  # restored after the batch
+    last = checkpointed_layers(model)[-1]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    last.gradient_checkpointing = False
+    with count_saved_bytes(last, params) as saved:
+        loss_and_grads(model)
+    with count_saved_bytes(last, set()) as with_params:
+        loss_and_grads(model)
+    last.gradient_checkpointing = True
+    assert auto.per_token == saved[0] / 48 and with_params[0] > saved[0]
+    assert auto.transient == pytest.approx(GIB / 48 - auto.per_token)  # replaces micro-batch 1's (one-off costs)
+    assert all(layer.gradient_checkpointing for layer in checkpointed_layers(model))  # restored after each batch
 
-    # then: (0.8 x 10 GiB - allocated - transient x tokens) / (per_token x tokens) layers, the last ones
-    auto.per_token, auto.transient = 0.5 * gib / 48, 1.0 * gib / 48
+    # then: (0.8 x 10 GiB - allocated - transient x tokens) / (per_token x tokens) layers, the last ones to run
+    auto.per_token, auto.transient = 0.5 * GIB / 48, 1.0 * GIB / 48
     assert auto.plan(4, 48) == 4  # (8 - 2 - 1) / 0.5 = 10 layers' worth: all 4
-    memory.now = 5 * gib
+    memory.now = 5 * GIB
     assert auto.plan(4, 48) == 4 and auto.plan(4, 96) == 1  # (8 - 5 - 2) / 1
-    memory.now = 7 * gib
+    memory.now = 7 * GIB
     assert auto.plan(4, 48) == 0  # (8 - 7 - 1) / 0.5
-    memory.now, memory.next_peak = 2 * gib, 0
-    auto.per_token, auto.transient = 2.0 * gib / 48, 1.0 * gib / 48
+    memory.now, memory.next_peak = 2 * GIB, 0
+    auto.per_token = 2.0 * GIB / 48
     assert run(auto, model, spy) == [True, True, False, False]  # (8 - 2 - 1) / 2 = 2.5 -> 2
-    assert auto.pop() == pytest.approx((1 + 2) / 2) and auto.pop() is None
+    assert auto.pop() == pytest.approx((0 + 1 + 2) / 3) and auto.pop() is None
 
 
-def test_auto_raises_its_estimate_when_a_micro_batch_sets_a_new_peak_and_never_lowers_it():
+def test_auto_probes_only_with_room_and_only_a_layer_that_runs():
+    model = tiny_lm(layers=3)
+    decoder = model.get_base_model().model
+    decoder.layers.append(copy.deepcopy(decoder.layers[-1]))  # a 4th trainable layer that never runs (3 configured)
+    enable_checkpointing(model)
+    memory = FakeMemory(total=10 * GIB, allocated=2 * GIB, peak=6 * GIB)
+    spy = FlagSpy(model, memory, peak_layer=2)
+    auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory)
+    assert len(checkpointed_layers(model)) == 4
+    run(auto, model, spy)  # micro-batch 1: 4 GiB over the start
+    memory.next_peak = 4 * GIB
+    assert run(auto, model, spy) == [True] * 3  # 8 - 2 - 4 GiB left < the step's 4 GiB: no room to measure a layer
+    assert auto.per_token is None and auto.plan(3, 48) == 0
+    # micro-batch 2 needed 2 GiB (replacing micro-batch 1's 4): 8 - 2 - 2 >= 2, so the probe runs, on the last layer
+    # that ran (not the 4th, which never runs)
+    assert run(auto, model, spy) == [True, True, False]
+    assert auto.per_token > 0 and checkpointed_layers(model)[3].gradient_checkpointing
+
+
+def test_auto_replaces_the_first_estimate_once_then_only_raises_it():
     model = tiny_lm()
     enable_checkpointing(model)
-    gib = 1 << 30
-    memory = FakeMemory(total=10 * gib, allocated=2 * gib, peak=3 * gib)
+    memory = FakeMemory(total=10 * GIB, allocated=2 * GIB, peak=5 * GIB)
     spy = FlagSpy(model, memory)
     auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory)
     run(auto, model, spy)
-    auto.per_token, auto.transient = 0.25 * gib / 48, 1.0 * gib / 48
-    memory.next_peak = memory.max + 6 * gib  # far above the plan: the excess is learnt
-    kept = run(auto, model, spy).count(False)
-    assert auto.transient == pytest.approx((memory.max - 2 * gib) / 48 - kept * auto.per_token)
-    raised = auto.transient
-    memory.next_peak = 0  # a micro-batch below the peak teaches nothing
+    assert auto.transient == pytest.approx(3 * GIB / 48)
+    memory.next_peak = 3 * GIB  # lower: replaces the first estimate (micro-batch 1 holds one-off allocations)
     run(auto, model, spy)
-    assert auto.transient == raised
+    second = auto.transient
+    assert second < 2 * GIB / 48
+    memory.next_peak = 0  # a micro-batch that needs less does not lower it
+    run(auto, model, spy)
+    assert auto.transient == second
+    kept = auto.kept[-1]
+    memory.next_peak = 2 * GIB + kept * auto.per_token * 48 + 3 * GIB  # one that needs more raises it
+    run(auto, model, spy)
+    assert auto.transient > second
+
+
+def test_auto_uses_the_number_of_layers_all_processes_agree_on():
+    model = tiny_lm()
+    enable_checkpointing(model)
+    memory = FakeMemory(total=100 * GIB, allocated=0, peak=GIB)
+    spy = FlagSpy(model, memory)
+    agreed = []
+    auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory,
+                                  agree=lambda n: agreed.append(n) or (0 if len(agreed) == 2 else min(n, 2)))
+    run(auto, model, spy)
+    assert run(auto, model, spy) == [True] * 4 and auto.per_token is None  # another process had no room to probe
+    assert run(auto, model, spy) == [True, True, True, False] and auto.per_token > 0
+    assert run(auto, model, spy) == [True, True, False, False]  # 4 fit here; 2 agreed
+    assert agreed == [0, 1, 1, 4]
 
 
 def test_auto_leaves_layers_alone_when_not_every_layer_is_checkpointed():
@@ -191,7 +258,7 @@ def test_auto_leaves_layers_alone_when_not_every_layer_is_checkpointed():
     model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
     flags = [layer.gradient_checkpointing for layer in checkpointed_layers(model)]
     assert run(auto, model, spy) == flags == [True, False, True, False]
-    assert auto.per_token is None and auto.pop() is None
+    assert auto.transient is None and auto.pop() is None
 
 
 def test_count_saved_bytes_takes_its_hooks_off_when_the_forward_raises():
@@ -221,7 +288,7 @@ def test_auto_keeps_losses_and_gradients_of_full_checkpointing():
             loss_a, grads_a = loss_and_grads(auto_model, seed=step)
         assert torch.equal(loss, loss_a)
         assert all(torch.equal(grads[n], grads_a[n]) for n in grads)
-    assert auto.pop() > 1  # from the second micro-batch on, every layer fit
+    assert auto.kept == [0, 1, 4]  # measured, probed, then every layer fit
 
 
 def test_trainer_logs_the_layers_kept_and_config_is_checked(tmp_path):
@@ -245,7 +312,7 @@ def test_trainer_logs_the_layers_kept_and_config_is_checked(tmp_path):
         losses[mode] = [h["loss"] for h in history if "loss" in h]
         kept = [h.get("uncheckpointed_layers") for h in history if "loss" in h]
         n_layers = len(checkpointed_layers(trainer.model))
-        assert kept == ([None] * 3 if mode == "all" else [1, n_layers, n_layers]), kept
+        assert kept == ([None] * 3 if mode == "all" else [0, 1, n_layers]), kept
     assert losses["all"] == losses["auto"]
     with pytest.raises(ConfigError, match="checkpoint_memory_fraction"):
         RejectionSFTConfig("out", checkpoint_memory_fraction=0.0)

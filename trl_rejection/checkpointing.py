@@ -4,17 +4,17 @@ transformers checkpoints every layer (`gradient_checkpointing=True`): the backwa
 second time, a third more work than the training step needs, even when the memory it frees goes unused (24 of 80 GiB
 on an H100 for LLaVA-1.5-7B at batch 16). `AutoLayerCheckpointing` decides before each micro-batch how many of the
 trainable layers (`GradientCheckpointingLayer`s with a trainable parameter, e.g. LoRA) keep their activations instead,
-from three measured numbers:
+from measured numbers:
 
-- `per_token`: the bytes one layer keeps for the backward, per token. Measured once, on the first micro-batch, by
-  leaving one layer uncheckpointed and counting the distinct storages autograd saves in its forward
-  (`torch.autograd.graph.saved_tensors_hooks`; parameters excluded).
-- `transient`: the bytes per token that a step with every layer checkpointed needs on top of what is allocated before
-  it (the checkpointed layers' inputs, one layer's recompute, the loss): the device's peak minus the memory allocated
-  at the micro-batch's start. It only grows: whenever a micro-batch sets a new peak, the excess is added.
+- `per_token`: the bytes one layer keeps for the backward, per token: the distinct storages autograd saves while the
+  last layer to run goes uncheckpointed once (`torch.autograd.graph.saved_tensors_hooks`; parameters excluded, but
+  not the gathered copies of sharded FSDP / ZeRO-3 parameters, which make it an overestimate there).
+- `transient`: the bytes per token a micro-batch needs on top of what is allocated at its start, beyond the layers
+  kept: its peak (the device's peak statistics are reset at each micro-batch) minus its start. The second measure
+  replaces the first (one-off allocations); after that the largest is kept.
 - the limit: `memory_fraction` of the device's memory.
 
-Layers kept = (limit - allocated - transient x tokens) / (per_token x tokens), the last layers first. Checkpointing
+Layers kept = (limit - allocated - transient x tokens) / (per_token x tokens), the last ones to run. Checkpointing
 does not change the maths (the recompute is exact and replays the random state), so losses are those of full
 checkpointing. CUDA only; elsewhere every layer stays checkpointed.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -106,17 +106,28 @@ class CudaMemory:
 class AutoLayerCheckpointing:
     """Before each training micro-batch, un-checkpoint as many trainable layers as the measured memory allows.
 
+    Micro-batch 1 runs with every layer checkpointed and records the order the layers run in. The next one measures
+    the last layer to run uncheckpointed (only if the memory a fully checkpointed step took fits twice more); from then
+    on each micro-batch keeps the last `plan(...)` layers to run. The device's peak statistics are reset at each
+    micro-batch's start, so each one is measured on its own; `peak_bytes` keeps the highest.
+
     Args:
         model: The model, with gradient checkpointing enabled (each layer's flag is read at its forward).
         memory_fraction: Fraction of the device's memory the step may fill.
         memory: The device's allocator readings, e.g. `CudaMemory(device)`.
+        agree: Maps this process's number of layers to keep to the one every process uses (the minimum over processes
+            when parameters are sharded, so that all of them recompute the same layers); None: keep its own.
     """
 
-    def __init__(self, model: torch.nn.Module, memory_fraction: float, memory: CudaMemory):
-        self.model, self.memory_fraction, self.memory = model, memory_fraction, memory
-        self.per_token: float | None = None
-        self.transient: float | None = None
+    def __init__(self, model: torch.nn.Module, memory_fraction: float, memory: CudaMemory,
+                 agree: Callable[[int], int] | None = None):
+        self.model, self.memory_fraction, self.memory, self.agree = model, memory_fraction, memory, agree
+        self.per_token: float | None = None  # bytes one uncheckpointed layer keeps, per token
+        self.transient: float | None = None  # bytes per token a fully checkpointed step adds to what is allocated
+        self.peak_bytes = 0
         self.kept: list[int] = []  # layers kept (not checkpointed) in each micro-batch since the last `pop`
+        self._order: list[torch.nn.Module] = []  # the trainable layers in the order they ran in micro-batch 1
+        self._measured = 0
 
     @contextlib.contextmanager
     def micro_batch(self, tokens: int) -> Iterator[None]:
@@ -129,40 +140,58 @@ class AutoLayerCheckpointing:
             yield
             return
         tokens = max(tokens, 1)
-        if self.per_token is None:  # first micro-batch: measure the last layer, checkpoint the rest
-            self.memory.reset_peak()  # loading peaks are not the step's
-            params = {storage_pointer(p) for p in self.model.parameters()} - {None}
-            probe = count_saved_bytes(layers[-1], params)
-            n = 1
+        probing = self.transient is not None and self.per_token is None and bool(self._order)
+        if self.transient is None:
+            n = 0
+        elif probing:
+            n = int(self._room(tokens) >= self.transient * tokens)  # a layer keeps less than a whole step's extra
         else:
-            probe, n = contextlib.nullcontext(), self.plan(len(layers), tokens)
+            n = self.plan(len(self._order), tokens)
+        if self.agree is not None:
+            n = self.agree(n)
+        keep = self._order[len(self._order) - n:] if n else []
+        probe = contextlib.nullcontext()
+        if probing and n:
+            params = {storage_pointer(p) for p in self.model.parameters()} - {None}
+            probe = count_saved_bytes(keep[0], params)
+        hooks = [layer.register_forward_pre_hook(self._record) for layer in layers] if self.transient is None else []
+        self.memory.reset_peak()
         start = self.memory.allocated()
-        peak_before = self.memory.peak()
-        self._set(layers, n)
+        for layer in layers:
+            layer.gradient_checkpointing = layer not in keep
         try:
             with probe as counted:
                 yield
         finally:
-            self._set(layers, 0)
-        if counted is not None:
-            self.per_token = counted[0] / tokens
+            for layer in layers:
+                layer.gradient_checkpointing = True
+            for hook in hooks:
+                hook.remove()
         peak = self.memory.peak()
-        measured = max((peak - start) / tokens - n * self.per_token, 0.0)
-        if self.transient is None or peak > peak_before:  # a new peak: what the estimate missed goes in
-            self.transient = max(self.transient or 0.0, measured)
+        self.peak_bytes = max(self.peak_bytes, peak)
+        if counted is not None and counted[0] > 0:  # (nothing saved: measured again next time)
+            self.per_token = counted[0] / tokens
+        measured = max((peak - start) / tokens - n * (self.per_token or 0.0), 0.0)
+        self._measured += 1
+        # micro-batch 1's peak holds one-off allocations (first gradients, kernel autotuning): replaced once, then
+        # only raised
+        self.transient = measured if self._measured <= 2 else max(self.transient, measured)
         self.kept.append(n)
+
+    def _record(self, layer: torch.nn.Module, *_) -> None:
+        if layer not in self._order:
+            self._order.append(layer)
+
+    def _room(self, tokens: int) -> float:
+        """Bytes left under the limit once a fully checkpointed micro-batch of `tokens` tokens has run."""
+        limit = self.memory_fraction * self.memory.total()
+        return limit - self.memory.allocated() - (self.transient or 0.0) * tokens
 
     def plan(self, n_layers: int, tokens: int) -> int:
         """How many layers fit uncheckpointed in a micro-batch of `tokens` tokens, given what is allocated now."""
-        limit = self.memory_fraction * self.memory.total()
-        free = limit - self.memory.allocated() - (self.transient or 0.0) * tokens
-        return max(0, min(n_layers, math.floor(free / (max(self.per_token or 0.0, 1.0) * tokens))))
-
-    @staticmethod
-    def _set(layers: list[torch.nn.Module], n: int) -> None:
-        """Checkpoint every layer but the last `n`."""
-        for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i < len(layers) - n
+        if not self.per_token:
+            return 0
+        return max(0, min(n_layers, math.floor(self._room(tokens) / (self.per_token * tokens))))
 
     def pop(self) -> float | None:
         """Mean number of uncheckpointed layers per micro-batch since the last call (None: none measured)."""

@@ -122,11 +122,11 @@ class RejectionSFTConfig(SFTConfig):
             With `gradient_checkpointing`, which trainable layers (those holding a LoRA or other trained parameter)
             are checkpointed: `"all"` (transformers: every layer's forward runs again in the backward), or `"auto"`:
             before each micro-batch, as many layers as fit keep their activations instead, from the bytes per token
-            one layer keeps (measured on the first micro-batch), the memory a fully checkpointed step needs per token
-            (measured, raised whenever a micro-batch sets a new peak) and `checkpoint_memory_fraction`. Same losses;
-            the mean number of layers kept is logged as `uncheckpointed_layers`. CUDA only (elsewhere `"all"`); no
-            effect when `gradient_checkpointing_kwargs` sets `every_n_layers`. Resets the device's peak-memory
-            statistics at the first micro-batch.
+            one layer keeps (measured once, on the second micro-batch), the memory a micro-batch needs per token
+            (measured at each, the largest kept) and `checkpoint_memory_fraction`. Same losses; the mean number of
+            layers kept is logged as `uncheckpointed_layers`. CUDA only (elsewhere `"all"`); no effect when
+            `gradient_checkpointing_kwargs` sets `every_n_layers`. Resets the device's peak-memory statistics at each
+            micro-batch.
         checkpoint_memory_fraction (`float`, *optional*, defaults to `0.85`):
             Fraction of the GPU's memory that `checkpoint_layers="auto"` plans a micro-batch to fill. Lower it when
             the GPU is shared with another process or runs out of memory.
@@ -260,11 +260,11 @@ class RejectionSFTConfig(SFTConfig):
         "help": "With `gradient_checkpointing`, which trainable layers (those holding a LoRA or other trained "
         "parameter) are checkpointed: `\"all\"` (transformers: every layer's forward runs again in the backward), "
         "or `\"auto\"`: before each micro-batch, as many layers as fit keep their activations instead, from the "
-        "bytes per token one layer keeps (measured on the first micro-batch), the memory a fully checkpointed step "
-        "needs per token (measured, raised whenever a micro-batch sets a new peak) and `checkpoint_memory_fraction`. "
-        "Same losses; the mean number of layers kept is logged as `uncheckpointed_layers`. CUDA only (elsewhere "
-        "`\"all\"`); no effect when `gradient_checkpointing_kwargs` sets `every_n_layers`. Resets the device's "
-        "peak-memory statistics at the first micro-batch."})
+        "bytes per token one layer keeps (measured once, on the second micro-batch), the memory a micro-batch needs "
+        "per token (measured at each, the largest kept) and `checkpoint_memory_fraction`. Same losses; the mean "
+        "number of layers kept is logged as `uncheckpointed_layers`. CUDA only (elsewhere `\"all\"`); no effect "
+        "when `gradient_checkpointing_kwargs` sets `every_n_layers`. Resets the device's peak-memory statistics at "
+        "each micro-batch."})
     checkpoint_memory_fraction: float = field(default=0.85, metadata={
         "help": "Fraction of the GPU's memory that `checkpoint_layers=\"auto\"` plans a micro-batch to fill. Lower it "
         "when the GPU is shared with another process or runs out of memory."})

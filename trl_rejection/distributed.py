@@ -208,3 +208,15 @@ def full_model_on_main(trainer: Any, base: str, adapter_dir: Path, dtype: Any) -
     with without_zero3():
         model = base_class.from_pretrained(base, dtype=dtype)
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def minimum_over_processes(value: int) -> int:
+    """The smallest `value` over the processes of the default process group (one all-reduce on the current device)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())

@@ -177,7 +177,10 @@ def token_row_index(inputs: dict[str, Any], shape: torch.Size) -> torch.Tensor |
     cu = inputs.get("cu_seq_lens_q")
     if cu is not None and shape[0] == 1:
         cu = cu.to(torch.long)
-        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())[None]
+        # the collator's `cu_seq_lens_q` ends at the packed length (padding is one more sequence): giving it as
+        # `output_size` spares the host a sync with the GPU to size the result
+        return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff(),
+                                       output_size=shape[-1])[None]
     pos = inputs.get("position_ids")
     if pos is not None and shape[0] == 1 and "attention_mask" not in inputs:
         return ((pos == 0).cumsum(-1) - 1)[:1]

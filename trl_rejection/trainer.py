@@ -226,8 +226,10 @@ class RejectionSFTTrainer(SFTTrainer):
         self._auto_checkpointing = None
         if args.gradient_checkpointing and args.checkpoint_layers == "auto" and every_n == 1 \
                 and self.args.device.type == "cuda":
-            self._auto_checkpointing = AutoLayerCheckpointing(self.model, args.checkpoint_memory_fraction,
-                                                              CudaMemory(self.args.device))
+            sharded = (self.is_deepspeed_enabled or self.is_fsdp_enabled) and self.args.world_size > 1
+            self._auto_checkpointing = AutoLayerCheckpointing(
+                self.model, args.checkpoint_memory_fraction, CudaMemory(self.args.device),
+                agree=distributed.minimum_over_processes if sharded else None)
         self._data_wait = DataWaitMeter(args.data_wait_warning, on_accelerator=self.args.device.type != "cpu",
                                         workers=args.dataloader_num_workers)
 
