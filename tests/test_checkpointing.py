@@ -156,12 +156,16 @@ def run(auto: AutoLayerCheckpointing, model: torch.nn.Module, spy: FlagSpy, toke
 GIB = 1 << 30
 
 
-def test_auto_measures_the_last_layer_to_run_then_keeps_the_last_layers_that_fit():
+def auto_on_tiny_lm(peak: int, total: int = 10 * GIB, allocated: int = 2 * GIB, **kwargs):
+    """A checkpointed tiny LM with `AutoLayerCheckpointing` reading a `FakeMemory`, and a `FlagSpy` on its layers."""
     model = tiny_lm()
     enable_checkpointing(model)
-    memory = FakeMemory(total=10 * GIB, allocated=2 * GIB, peak=3 * GIB)
-    spy = FlagSpy(model, memory)
-    auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory)
+    memory = FakeMemory(total=total, allocated=allocated, peak=peak)
+    return model, memory, FlagSpy(model, memory), AutoLayerCheckpointing(model, 0.8, memory, **kwargs)
+
+
+def test_auto_measures_the_last_layer_to_run_then_keeps_the_last_layers_that_fit():
+    model, memory, spy, auto = auto_on_tiny_lm(peak=3 * GIB)
 
     # micro-batch 1: every layer checkpointed; the step's memory per token is measured from its own peak
     assert run(auto, model, spy) == [True] * 4
@@ -214,11 +218,7 @@ def test_auto_probes_only_with_room_and_only_a_layer_that_runs():
 
 
 def test_auto_replaces_the_first_estimate_once_then_only_raises_it():
-    model = tiny_lm()
-    enable_checkpointing(model)
-    memory = FakeMemory(total=10 * GIB, allocated=2 * GIB, peak=5 * GIB)
-    spy = FlagSpy(model, memory)
-    auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory)
+    model, memory, spy, auto = auto_on_tiny_lm(peak=5 * GIB)
     run(auto, model, spy)
     assert auto.transient == pytest.approx(3 * GIB / 48)
     memory.next_peak = 3 * GIB  # lower: replaces the first estimate (micro-batch 1 holds one-off allocations)
@@ -235,13 +235,10 @@ def test_auto_replaces_the_first_estimate_once_then_only_raises_it():
 
 
 def test_auto_uses_the_number_of_layers_all_processes_agree_on():
-    model = tiny_lm()
-    enable_checkpointing(model)
-    memory = FakeMemory(total=100 * GIB, allocated=0, peak=GIB)
-    spy = FlagSpy(model, memory)
     agreed = []
-    auto = AutoLayerCheckpointing(model, memory_fraction=0.8, memory=memory,
-                                  agree=lambda n: agreed.append(n) or (0 if len(agreed) == 2 else min(n, 2)))
+    model, memory, spy, auto = auto_on_tiny_lm(
+        peak=GIB, total=100 * GIB, allocated=0,
+        agree=lambda n: agreed.append(n) or (0 if len(agreed) == 2 else min(n, 2)))
     run(auto, model, spy)
     assert run(auto, model, spy) == [True] * 4 and auto.per_token is None  # another process had no room to probe
     assert run(auto, model, spy) == [True, True, True, False] and auto.per_token > 0
