@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trl_rejection.constants import TINY_MODEL
+from trl_rejection.distributed import end_process_group
 from trl_rejection.errors import UserError, user_errors
 from trl_rejection.eval.benchmarks import load_benchmark
 from trl_rejection.eval.generate import generate
@@ -102,3 +103,4 @@ if __name__ == "__main__":
     with user_errors():
         (script_args,) = StrictTrlParser(EvalSafetyArguments).parse_args_and_config()
         main(script_args)
+    end_process_group()

@@ -24,7 +24,8 @@ from trl_rejection.callbacks import RecordingCollator, StepMetrics, StepProfiler
 from trl_rejection.constants import TINY_MODEL
 from trl_rejection.data import MixConfig, build_mix
 from trl_rejection.data.formats import load_dataset_location
-from trl_rejection.distributed import build_once, full_model_on_main, sharded_backend, without_zero3
+from trl_rejection.distributed import (build_once, end_process_group, full_model_on_main, sharded_backend,
+                                      without_zero3)
 from trl_rejection.errors import UserError, user_errors
 from trl_rejection.extras import check_extras
 from trl_rejection.hub import push_dataset, push_model
@@ -252,3 +253,4 @@ if __name__ == "__main__":
     argv = sys.argv[1:] if "--config" in sys.argv else ["--config", str(DEFAULT_CONFIG), *sys.argv[1:]]
     with user_errors():
         main(*parser.parse_args_and_config(argv))
+    end_process_group()

@@ -173,21 +173,21 @@ def test_fsdp2_with_the_autocast_policy_passes_float32_activations_through_block
 def _minimum_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from trl_rejection.distributed import minimum_over_processes
+    from trl_rejection.distributed import end_process_group, minimum_over_processes
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        Path(f"{out}.{rank}").write_text(str(minimum_over_processes([7, 3][rank])))
-    finally:
-        dist.destroy_process_group()
+    value = minimum_over_processes([7, 3][rank])
+    end_process_group()  # what the recipes do after a successful run
+    Path(f"{out}.{rank}").write_text(f"{value} {dist.is_initialized()}")
 
 
 def test_minimum_over_processes_agrees_across_two_processes(tmp_path):
-    """`checkpoint_layers="auto"` under FSDP / ZeRO-3: every process keeps the same (smallest) number of layers."""
+    """`checkpoint_layers="auto"` under FSDP / ZeRO-3: every process keeps the same (smallest) number of layers; then
+    `end_process_group` ends the group (a gloo group left alive can abort the interpreter's exit)."""
     import torch.multiprocessing as mp
 
     from trl_rejection.distributed import minimum_over_processes
 
     assert minimum_over_processes(5) == 5  # no process group: its own
     mp.spawn(_minimum_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
-    assert [(tmp_path / f"out.{rank}").read_text() for rank in (0, 1)] == ["3", "3"]
+    assert [(tmp_path / f"out.{rank}").read_text() for rank in (0, 1)] == ["3 False", "3 False"]

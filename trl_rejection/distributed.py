@@ -220,3 +220,15 @@ def minimum_over_processes(value: int) -> int:
     tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if one was started, once a script's work is done on this process.
+
+    A process that exits with a gloo group alive can abort in the interpreter's finalisation ("terminate called
+    without an active exception": pytorch/pytorch#190489); call it after a successful run only (on an error other
+    processes may still be inside a collective, and destroying the group would wait for them)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
