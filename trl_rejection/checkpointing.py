@@ -22,17 +22,15 @@ checkpointing. CUDA only; elsewhere every layer stays checkpointed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's `GradientCheckpointingLayer`s that hold a trainable parameter, in forward order."""
+    """The model's `GradientCheckpointingLayer`s that hold a trainable parameter, in registration order (not
+    necessarily the order they run in)."""
     from transformers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
@@ -126,6 +124,7 @@ class AutoLayerCheckpointing:
         self.transient: float | None = None  # bytes per token a fully checkpointed step adds to what is allocated
         self.peak_bytes = 0
         self.kept: list[int] = []  # layers kept (not checkpointed) in each micro-batch since the last `pop`
+        self._layers: list[torch.nn.Module] | None = None  # the trainable layers, found at the first micro-batch
         self._order: list[torch.nn.Module] = []  # the trainable layers in the order they ran in micro-batch 1
         self._measured = 0
 
@@ -135,7 +134,9 @@ class AutoLayerCheckpointing:
 
         Does nothing unless every trainable layer is checkpointed (checkpointing off, or a user's `every_n_layers`).
         """
-        layers = checkpointed_layers(self.model)  # read each time: the model may have been wrapped since
+        if self._layers is None:  # at the first micro-batch: the trainer has wrapped the model by then
+            self._layers = checkpointed_layers(self.model)
+        layers = self._layers
         if not layers or not all(layer.gradient_checkpointing for layer in layers):
             yield
             return

@@ -5,7 +5,8 @@ PEFT computes `lora_B(lora_A(dropout(x)))`: autograd then keeps, for every LoRA 
 Llama-2-7B that is ~100 KB per token and layer, about 40% of what a layer keeps without gradient checkpointing.
 `recompute_lora_dropout(model)` runs `lora_A(dropout(x))` of each vanilla LoRA `Linear` under a non-reentrant
 `torch.utils.checkpoint`, which keeps `x` only and replays the dropout (same random state) in the backward: the same
-masks, losses and gradients as PEFT's, for one extra rank-r matmul per layer in the backward.
+masks, losses and gradients as PEFT's, for running each adapter's dropout and rank-r `lora_A` matmul again in the
+backward (with a save and restore of the random state per adapter).
 
 Layers that gradient checkpointing already recomputes keep nothing anyway; there the plain path runs (checked at each
 call, as `AutoLayerCheckpointing` changes the layers' checkpointing between micro-batches).
