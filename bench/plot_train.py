@@ -8,7 +8,8 @@
 
 `--out`: the LLaVA-1.5-7B levers, one bar per variant: the median real tokens/s over every run of it in the given
 files (each run a dot), with its peak GPU memory written on the bar. `--families-out`: stock TRL vs the defaults for
-each model shape in the files (the shape of a run is that of the `info` line before it), medians and runs.
+each model shape in the files (the shape of a run is that of the `info` line before it), medians and runs; given
+alone, only that chart is drawn.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def plot_families(runs: dict[tuple[str, str], list[dict]], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("docs/img/throughput.png"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="levers chart (default docs/img/throughput.png; not drawn when only --families-out is given)")
     parser.add_argument("--families-out", type=Path, default=None)
     parser.add_argument("--label", action="append", default=[], metavar="VARIANT=TEXT",
                         help="name a variant's bar in the levers chart (adds variants without a default label)")
@@ -94,6 +96,8 @@ def main() -> None:
     every = read_runs(args.files)
     if args.families_out is not None:
         plot_families(every, args.families_out)
+        if args.out is None:
+            return
     runs = {v: recs for (m, v), recs in every.items() if m == "llava-1.5" and v in labels}
     names = sorted(runs, key=lambda n: statistics.median(r["real_tok_s"] for r in runs[n]))
     medians = [statistics.median(r["real_tok_s"] for r in runs[n]) for n in names]
@@ -110,9 +114,10 @@ def main() -> None:
     ax.set_xlim(0, max(medians) * 1.3)
     ax.set_title("LLaVA-1.5-7B shape, LoRA r=128, one H100", fontsize=10)
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    out = args.out or Path("docs/img/throughput.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
