@@ -23,14 +23,18 @@ CONFIGS = ROOT / "recipes" / "accelerate_configs"
 SMALL_MIX = json.dumps({"n_refusal": 16, "n_normal": 48})
 
 
-def launch(tmp_path: Path, config: str, processes: int, *args: str, fake_hub: Path | None = None
-           ) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, config: str, processes: int, *args: str, fake_hub: Path | None = None,
+           site: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess:
     """Run the recipe through `accelerate launch`; with `fake_hub`, Hub uploads are copied there instead
-    (tests/fake_hub/sitecustomize.py: the GPU machines are offline)."""
+    (tests/fake_hub/sitecustomize.py: the GPU machines are offline); `site`: a folder put first on the processes'
+    PYTHONPATH (a `sitecustomize.py` there runs in each of them)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
            "--num_processes", str(processes), RECIPE, "--use_cpu", "false", "--bf16", "true", *args]
     env = {**os.environ, "TRL_REJECTION_CACHE": str(tmp_path / "cache"), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra_env)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     if fake_hub is not None:
         fake_hub.mkdir()
         env.update(FAKE_HUB=str(fake_hub),
@@ -180,6 +184,42 @@ def test_two_gpus_train_with_auto_checkpointing(tmp_path, config):
     history = json.loads((tmp_path / config / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     kept = [h.get("uncheckpointed_layers") for h in history if "loss" in h]
     assert len(kept) == 4 and kept[:2] == [0, 1] and all(k is not None and k >= 1 for k in kept[2:]), kept
+
+
+LAYER_NORM_PROBE = """import json, os, torch
+seen = set()
+def record(module, args, output):  # the dtype each LayerNorm of the model returns while training
+    if isinstance(module, torch.nn.LayerNorm) and module.training and str(output.dtype) not in seen:
+        seen.add(str(output.dtype))
+        with open(os.environ["LAYER_NORM_LOG"] + "." + os.environ.get("RANK", "0"), "w") as f:
+            json.dump(sorted(seen), f)
+torch.nn.modules.module.register_module_forward_hook(record)
+"""
+
+
+def test_fsdp2_runs_layer_norms_in_float32_as_one_gpu_does(tmp_path):
+    """Under CUDA autocast LayerNorm returns float32, which keeps the CLIP tower's residual stream in float32 on one
+    GPU. accelerate's FSDP2 path applies its mixed-precision policy but no autocast: a bf16 checkpoint's LayerNorms
+    then returned bf16 (and the sharded losses drifted from one GPU's). With `fsdp_autocast_precision` (default)
+    the trainer autocasts the forward: on 2 GPUs every LayerNorm returns float32, as on one GPU; off, bf16."""
+    _needs("fsdp")
+    from trl_rejection.testing.tiny import make_model, make_processor
+
+    base, site = tmp_path / "tiny-llava-bf16", tmp_path / "site"
+    processor = make_processor("llava-1.5")
+    processor.save_pretrained(base)
+    make_model("llava-1.5", processor).to(torch.bfloat16).save_pretrained(base)
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LAYER_NORM_PROBE)
+    common = ("--model_name_or_path", str(base), "--dtype", "bfloat16", "--max_steps", "2", "--mix", SMALL_MIX,
+              "--eval_bundled", "false", "--save_strategy", "no")
+    for name, config, processes, flags in (("one", "single_gpu", 1, ()), ("on", "fsdp", 2, ()),
+                                           ("off", "fsdp", 2, ("--fsdp_autocast_precision", "false"))):
+        launch(tmp_path, config, processes, "--output_dir", name, *common, *flags, site=site,
+               LAYER_NORM_LOG=str(tmp_path / name))
+    dtypes = {f.name: json.loads(f.read_text()) for f in tmp_path.glob("o*.[01]")}
+    assert dtypes == {"one.0": ["torch.float32"], "on.0": ["torch.float32"], "on.1": ["torch.float32"],
+                      "off.0": ["torch.bfloat16"], "off.1": ["torch.bfloat16"]}, dtypes
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])

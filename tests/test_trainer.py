@@ -404,3 +404,35 @@ def test_checkpointing_only_every_n_layers_reaches_the_model(tmp_path):
                             peft_config=peft, callbacks=[Look()]).train()
         flags = seen.pop("flags")
         assert len(flags) >= 4 and flags == [i % every == 0 for i in range(len(flags))]
+
+
+@pytest.mark.parametrize("fsdp2_policy", [True, False])
+def test_the_forward_runs_under_autocast_where_the_fsdp2_policy_is_set(tmp_path, monkeypatch, fsdp2_policy):
+    """accelerate autocasts the forward on one device and under DDP, but under FSDP2 applies only the mixed-precision
+    policy, so ops that CUDA autocast runs in float32 (LayerNorm: the CLIP tower's residual stream) ran in bf16 and
+    sharded losses drifted from one GPU's. Where `setup_fsdp_precision` sets its policy (FSDP2, bf16,
+    `fsdp_autocast_precision`), the trainer autocasts the training forward in the policy's dtype itself (through
+    `Trainer.compute_loss_context_manager`); elsewhere it adds no autocast. Simulated on CPU: accelerate runs FSDP
+    configs as DDP there; the 2-GPU run is `test_fsdp2_runs_layer_norms_in_float32_as_one_gpu_does`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from trl_rejection import distributed
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=None,
+                                  cast_forward_inputs=False)
+    monkeypatch.setattr(distributed, "setup_fsdp_precision",
+                        lambda accelerator, enabled=True: policy if fsdp2_policy else None)
+    proc = make_processor("llava-1.5")
+    model = make_model("llava-1.5", proc)
+    seen = set()
+
+    def record(module, args):
+        if module.training:
+            seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+    norms = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
+    args = config(tmp_path, max_steps=1, bf16=False)  # accelerate adds no autocast of its own
+    trainer = RejectionSFTTrainer(model, args=args, train_dataset=mix(), processing_class=proc, peft_config=peft)
+    trainer.train()
+    assert len(norms) > 2 and seen == {(fsdp2_policy, torch.bfloat16)}

@@ -149,11 +149,12 @@ class RejectionSFTConfig(SFTConfig):
             without ZeRO-3.
         fsdp_autocast_precision (`bool`, *optional*, defaults to `True`):
             Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU: parameters are still
-            gathered and multiplied in half precision, but the sharded blocks' inputs and outputs are not cast to half
+            gathered and multiplied in half precision, but the forward runs under `torch.autocast` (accelerate applies
+            only FSDP2's policy there, no autocast), the sharded blocks' inputs and outputs are not cast to half
             precision (FSDP2's `cast_forward_inputs` / `output_dtype`, which accelerate turns on) and gradients are
-            reduced in float32. Without it, activations that autocast keeps in float32 (the CLIP vision tower's
-            residual stream) are rounded to half precision at every block, and the losses drift from one GPU's. Off:
-            accelerate's policy. No effect without FSDP2.
+            reduced in float32. Without it, ops that autocast runs in float32 (LayerNorm: the CLIP vision tower's
+            residual stream) run in half precision, and the losses drift from one GPU's. Off: accelerate's policy.
+            No effect without FSDP2.
 
     > [!NOTE]
     > `train_sampling_strategy="group_by_length"` groups rows by a length estimated without tokenizing (text
@@ -286,11 +287,12 @@ class RejectionSFTConfig(SFTConfig):
         "effect without ZeRO-3."})
     fsdp_autocast_precision: bool = field(default=True, metadata={
         "help": "Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU: parameters are still "
-        "gathered and multiplied in half precision, but the sharded blocks' inputs and outputs are not cast to half "
+        "gathered and multiplied in half precision, but the forward runs under `torch.autocast` (accelerate applies "
+        "only FSDP2's policy there, no autocast), the sharded blocks' inputs and outputs are not cast to half "
         "precision (FSDP2's `cast_forward_inputs` / `output_dtype`, which accelerate turns on) and gradients are "
-        "reduced in float32. Without it, activations that autocast keeps in float32 (the CLIP vision tower's "
-        "residual stream) are rounded to half precision at every block, and the losses drift from one GPU's. Off: "
-        "accelerate's policy. No effect without FSDP2."})
+        "reduced in float32. Without it, ops that autocast runs in float32 (LayerNorm: the CLIP vision tower's "
+        "residual stream) run in half precision, and the losses drift from one GPU's. Off: accelerate's policy. "
+        "No effect without FSDP2."})
 
     def __post_init__(self) -> None:
         """Check this class's own fields (types and ranges) before `SFTConfig`'s own post-init runs."""

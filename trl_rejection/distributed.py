@@ -65,7 +65,9 @@ def setup_fsdp_precision(accelerator: Any, enabled: bool = True) -> Any:
     accelerate's FSDP2 policy casts every sharded block's inputs and outputs to half precision and reduces gradients
     in half precision. Under autocast on one GPU, activations that autocast keeps in float32 (the CLIP vision tower's
     LayerNorm outputs, and so its residual stream) stay float32. This policy keeps the parameter cast (half-precision
-    all-gathers and matmuls) but neither casts block inputs nor outputs, and reduces gradients in float32. Returns
+    all-gathers and matmuls) but neither casts block inputs nor outputs, and reduces gradients in float32; the
+    trainer runs the forward under `torch.autocast` in the returned policy's `param_dtype` (accelerate's FSDP2 path
+    does not autocast). Returns
     the `MixedPrecisionPolicy` set on the plugin (read when `Trainer.train` prepares the model), None if unchanged (a
     policy other than accelerate's default, set by the user on the plugin, is kept)."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)

@@ -210,7 +210,9 @@ class RejectionSFTTrainer(SFTTrainer):
             use_varlen_vision_attention(self.model)
         self._rope_module = rope_index_module(self.model) if padding_free else None
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
-        distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
+        policy = distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
+        # accelerate autocasts the model's forward in every setup but FSDP2, where it applies only the policy
+        self._forward_autocast_dtype = policy.param_dtype if policy is not None else None
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         hooked = skip_frozen_vision_backward(self.model, args.projector_modules, args.skip_frozen_vision_backward)
         if hooked:
@@ -260,6 +262,15 @@ class RejectionSFTTrainer(SFTTrainer):
         except ImportError:
             return contextlib.nullcontext()
         return disable_input_dtype_casting(self.model)
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
+        """`Trainer`'s autocast for the loss computation: under FSDP2 with `fsdp_autocast_precision`, `torch.autocast`
+        in the policy's half precision, as accelerate applies it to the forward on one GPU and under DDP (float32 ops
+        such as LayerNorm then see float32 inputs); otherwise `Trainer`'s (none: accelerate's)."""
+        if self._forward_autocast_dtype is None:
+            return super().autocast_smart_context_manager(cache_enabled)
+        return torch.autocast(self.accelerator.device.type, dtype=self._forward_autocast_dtype,
+                              cache_enabled=cache_enabled)
 
     def training_step(self, model, inputs, *args, **kwargs):
         # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward.
