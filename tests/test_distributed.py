@@ -8,8 +8,8 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
-from trl_rejection.distributed import (ZERO3_DEFAULTS, fsdp_layer_classes, setup_fsdp_precision, setup_zero3,
-                                      sharded_backend, without_zero3)
+from trl_rejection.distributed import (ZERO3_DEFAULTS, fsdp_layer_classes, setup_deepspeed_autocast,
+                                      setup_fsdp_precision, setup_zero3, sharded_backend, without_zero3)
 from trl_rejection.testing.tiny import make_model, make_processor
 
 
@@ -191,3 +191,61 @@ def test_minimum_over_processes_agrees_across_two_processes(tmp_path):
     assert minimum_over_processes(5) == 5  # no process group: its own
     mp.spawn(_minimum_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     assert [(tmp_path / f"out.{rank}").read_text() for rank in (0, 1)] == ["3 False", "3 False"]
+
+
+def test_deepspeed_autocast_runs_the_forward_under_autocast_inside_the_engine(tmp_path, monkeypatch):
+    """DeepSpeed's bf16 engine switches an autocast opened outside it off; `setup_deepspeed_autocast` puts autocast
+    inside the model's own forward (what the engine calls), only under DeepSpeed with half precision and the option
+    on. A deep copy of the model runs its own weights; the trainer passes the arguments' precision and the option."""
+    import copy
+
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.norm(self.linear(x))
+
+    seen = []
+    cpu = torch.device("cpu")
+    deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()), device=cpu)
+    for accelerator, half, enabled, expected in ((deepspeed, torch.bfloat16, True, True),
+                                                 (deepspeed, torch.bfloat16, False, False),
+                                                 (deepspeed, None, True, False),
+                                                 (SimpleNamespace(state=SimpleNamespace(), device=cpu), torch.bfloat16,
+                                                  True, False)):
+        block = Block()
+        block.norm.register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+        assert setup_deepspeed_autocast(accelerator, block, half, enabled) == (half if expected else None)
+        with torch.autocast("cpu", enabled=False):  # what the engine does around its module's call
+            out = block(torch.randn(2, 4))
+        assert seen.pop() is expected and out.dtype == (torch.bfloat16 if expected else torch.float32)
+    twin = copy.deepcopy(block)
+    with torch.no_grad():
+        twin.linear.weight.zero_()
+        twin.linear.bias.zero_()
+    x = torch.randn(2, 4)
+    assert torch.equal(twin(x), twin.norm(torch.zeros(2, 4))) and not torch.equal(block(x), twin(x))
+
+    from trl_rejection import distributed
+    from trl_rejection.config import RejectionSFTConfig
+    from trl_rejection.trainer import RejectionSFTTrainer
+
+    import datasets
+
+    from trl_rejection.constants import DEFAULT_REFUSAL
+
+    rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi?"},
+                                                     {"role": "assistant", "content": reply}]}
+                                       for reply in ("Hello.", DEFAULT_REFUSAL)])
+    calls = []
+    monkeypatch.setattr(distributed, "setup_deepspeed_autocast", lambda *a: calls.append(a[2:]))
+    proc = make_processor("llava-1.5")
+    for bf16, option in ((True, True), (False, False)):
+        args = RejectionSFTConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", bf16=bf16,
+                                  deepspeed_autocast=option)
+        RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=rows, processing_class=proc)
+    assert calls == [(torch.bfloat16, True), (None, False)]

@@ -197,12 +197,14 @@ torch.nn.modules.module.register_module_forward_hook(record)
 """
 
 
-def test_fsdp2_runs_layer_norms_in_float32_as_one_gpu_does(tmp_path):
+@pytest.mark.parametrize("config,off", [("fsdp", "--fsdp_autocast_precision"), ("zero3", "--deepspeed_autocast")])
+def test_sharded_configs_run_layer_norms_in_float32_as_one_gpu_does(tmp_path, config, off):
     """Under CUDA autocast LayerNorm returns float32, which keeps the CLIP tower's residual stream in float32 on one
-    GPU. accelerate's FSDP2 path applies its mixed-precision policy but no autocast: a bf16 checkpoint's LayerNorms
-    then returned bf16 (and the sharded losses drifted from one GPU's). With `fsdp_autocast_precision` (default)
-    the trainer autocasts the forward: on 2 GPUs every LayerNorm returns float32, as on one GPU; off, bf16."""
-    _needs("fsdp")
+    GPU. accelerate's FSDP2 path applies its mixed-precision policy but no autocast, and DeepSpeed's bf16 engine
+    switches an outer autocast off: a bf16 checkpoint's LayerNorms then returned bf16 (and the sharded losses drifted
+    from one GPU's). With `fsdp_autocast_precision` / `deepspeed_autocast` (default) the forward runs under autocast:
+    on 2 GPUs every LayerNorm returns float32, as on one GPU (checked in the FSDP case); with the option off, bf16."""
+    _needs(config)
     from trl_rejection.testing.tiny import make_model, make_processor
 
     base, site = tmp_path / "tiny-llava-bf16", tmp_path / "site"
@@ -213,13 +215,17 @@ def test_fsdp2_runs_layer_norms_in_float32_as_one_gpu_does(tmp_path):
     (site / "sitecustomize.py").write_text(LAYER_NORM_PROBE)
     common = ("--model_name_or_path", str(base), "--dtype", "bfloat16", "--max_steps", "2", "--mix", SMALL_MIX,
               "--eval_bundled", "false", "--save_strategy", "no")
-    for name, config, processes, flags in (("one", "single_gpu", 1, ()), ("on", "fsdp", 2, ()),
-                                           ("off", "fsdp", 2, ("--fsdp_autocast_precision", "false"))):
-        launch(tmp_path, config, processes, "--output_dir", name, *common, *flags, site=site,
+    runs = [("on", config, 2, ()), ("off", config, 2, (off, "false"))]
+    expected = {"on.0": ["torch.float32"], "on.1": ["torch.float32"], "off.0": ["torch.bfloat16"],
+                "off.1": ["torch.bfloat16"]}
+    if config == "fsdp":
+        runs.append(("one", "single_gpu", 1, ()))
+        expected["one.0"] = ["torch.float32"]
+    for name, launch_config, processes, flags in runs:
+        launch(tmp_path, launch_config, processes, "--output_dir", name, *common, *flags, site=site,
                LAYER_NORM_LOG=str(tmp_path / name))
     dtypes = {f.name: json.loads(f.read_text()) for f in tmp_path.glob("o*.[01]")}
-    assert dtypes == {"one.0": ["torch.float32"], "on.0": ["torch.float32"], "on.1": ["torch.float32"],
-                      "off.0": ["torch.bfloat16"], "off.1": ["torch.bfloat16"]}, dtypes
+    assert dtypes == expected, dtypes
 
 
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])

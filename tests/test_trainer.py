@@ -413,7 +413,7 @@ def test_the_forward_runs_under_autocast_where_the_fsdp2_policy_is_set(tmp_path,
     sharded losses drifted from one GPU's. Where `setup_fsdp_precision` sets its policy (FSDP2, bf16,
     `fsdp_autocast_precision`), the trainer autocasts the training forward in the policy's dtype itself (through
     `Trainer.compute_loss_context_manager`); elsewhere it adds no autocast. Simulated on CPU: accelerate runs FSDP
-    configs as DDP there; the 2-GPU run is `test_fsdp2_runs_layer_norms_in_float32_as_one_gpu_does`."""
+    configs as DDP there; the 2-GPU run is `test_sharded_configs_run_layer_norms_in_float32_as_one_gpu_does`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from trl_rejection import distributed

@@ -155,6 +155,12 @@ class RejectionSFTConfig(SFTConfig):
             reduced in float32. Without it, ops that autocast runs in float32 (LayerNorm: the CLIP vision tower's
             residual stream) run in half precision, and the losses drift from one GPU's. Off: accelerate's policy.
             No effect without FSDP2.
+        deepspeed_autocast (`bool`, *optional*, defaults to `True`):
+            Under DeepSpeed with bf16/fp16, run the model's forward under `torch.autocast` inside the engine, as
+            accelerate does on one GPU and under DDP. DeepSpeed's bf16/fp16 engine keeps the whole model in half
+            precision and switches an autocast opened outside it off, so ops that autocast runs in float32
+            (LayerNorm: the CLIP vision tower's residual stream) run in half precision, and the losses drift from one
+            GPU's. Off: DeepSpeed's own numerics. No effect without DeepSpeed.
 
     > [!NOTE]
     > `train_sampling_strategy="group_by_length"` groups rows by a length estimated without tokenizing (text
@@ -293,6 +299,12 @@ class RejectionSFTConfig(SFTConfig):
         "reduced in float32. Without it, ops that autocast runs in float32 (LayerNorm: the CLIP vision tower's "
         "residual stream) run in half precision, and the losses drift from one GPU's. Off: accelerate's policy. "
         "No effect without FSDP2."})
+    deepspeed_autocast: bool = field(default=True, metadata={
+        "help": "Under DeepSpeed with bf16/fp16, run the model's forward under `torch.autocast` inside the engine, as "
+        "accelerate does on one GPU and under DDP. DeepSpeed's bf16/fp16 engine keeps the whole model in half "
+        "precision and switches an autocast opened outside it off, so ops that autocast runs in float32 "
+        "(LayerNorm: the CLIP vision tower's residual stream) run in half precision, and the losses drift from one "
+        "GPU's. Off: DeepSpeed's own numerics. No effect without DeepSpeed."})
 
     def __post_init__(self) -> None:
         """Check this class's own fields (types and ranges) before `SFTConfig`'s own post-init runs."""

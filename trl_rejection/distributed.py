@@ -5,8 +5,10 @@ tiny model, merging the adapter, generating), or one process to build what all r
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,34 @@ def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = T
         applied["leaf_modules"] = names
     logger.info("ZeRO-3 settings: %s", applied)
     return applied
+
+
+def setup_deepspeed_autocast(accelerator: Any, model: torch.nn.Module, half: torch.dtype | None,
+                             enabled: bool = True) -> torch.dtype | None:
+    """Under DeepSpeed with bf16/fp16 (`half`, the training arguments' precision), run `model`'s forward under
+    `torch.autocast(half)` inside the engine (`deepspeed_autocast`), as accelerate does to the model on one GPU and
+    under DDP. DeepSpeed's bf16/fp16 engine keeps the whole model in half precision and switches an autocast opened
+    outside it off (`deepspeed.runtime.torch_autocast.autocast_if_enabled`), so ops that autocast runs in float32
+    (LayerNorm: the CLIP vision tower's residual stream) ran in half precision. Returns the dtype, None if unchanged
+    (no DeepSpeed, no half precision, or the option off)."""
+    if not enabled or half is None or getattr(accelerator.state, "deepspeed_plugin", None) is None:
+        return None
+    autocast_forward(model, accelerator.device.type, half)
+    logger.info("DeepSpeed: the model's forward runs under torch.autocast(%s)", half)
+    return half
+
+
+def autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Wrap `model.forward` in `torch.autocast(device_type, dtype)`, as the instance's own `forward` (a method bound
+    to `model`, so that a deep copy of the model runs its own forward)."""
+    function = model.forward.__func__
+
+    @functools.wraps(function)
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return function(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
 
 
 def sharded_backend() -> str | None:
