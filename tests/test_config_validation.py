@@ -130,6 +130,10 @@ SFT_CASES = [
     ("projector_lr", "fast", "fast", "'fast'", "a number"),
     ("mask_refusal_eos", "maybe", "maybe", "maybe", "true or false"),
     ("dataloader_num_workers", -1, "-1", "-1 is not a number of processes >= 0", "give e.g. 4"),
+    # a mistyped scalar's fix shows the field's own default, not a generic example
+    ("checkpoint_memory_fraction", "high", "high", "'high'",
+     r"give a number, e\.g\. checkpoint_memory_fraction: 0\.85 in YAML, --checkpoint_memory_fraction 0\.85"),
+    ("recompute_lora_dropout", "sometimes", "sometimes", "sometimes", r"e\.g\. recompute_lora_dropout: true in YAML"),
 ]
 
 
@@ -328,3 +332,12 @@ def test_entry_points_print_one_error_line_and_exit_2(entry, values, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {config}: ") and "Fix: " in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+@pytest.mark.parametrize("value,text", [(2e-5, "2.0e-05"), (1e20, "1.0e+20"), (0.85, "0.85"), (3, "3"),
+                                        (True, "true"), (1.5e-7, "1.5e-07")])
+def test_defaults_shown_in_fixes_read_back_as_the_same_value_in_yaml(value, text):
+    """YAML 1.1 reads `2e-05` as a string: a default shown in a fix is written so that it reads back as itself."""
+    from trl_rejection.validation import _scalar_text
+
+    assert _scalar_text(value) == text and yaml.safe_load(f"x: {text}")["x"] == value

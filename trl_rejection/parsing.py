@@ -48,10 +48,13 @@ class StrictTrlParser(TrlParser):
         super().__init__(dataclass_types, **kwargs)
         self.nested = nested or {}
         self.fields: dict[str, tuple[Any, bool]] = {}  # option -> (type hint, declared by this project)
+        self.defaults: dict[str, Any] = {}  # option -> its default (shown in the fix of a mistyped value)
         for cls in self.dataclass_types:
             ours = set(own_fields(cls))
             self.fields.update({f.name: (type_hints(cls)[f.name], f.name in ours)
                                 for f in dataclasses.fields(cls) if f.init})
+            self.defaults.update({f.name: f.default for f in dataclasses.fields(cls)
+                                  if f.init and f.default is not dataclasses.MISSING})
 
     def parse_args_and_config(self, args: Iterable[str] | None = None) -> tuple[Any, ...]:
         """Parse `--config FILE` (YAML) and flags (which override it) into the dataclasses, checking both.
@@ -112,9 +115,9 @@ class StrictTrlParser(TrlParser):
         if key in self.nested:
             return self._nested(key, value, self.nested[key])
         if isinstance(value, str):
-            value = coerce_text(key, value, hint)
+            value = coerce_text(key, value, hint, self.defaults.get(key))
         if ours or _scalar(hint):  # other fields of TRL / transformers keep TRL's handling (e.g. a str for a list)
-            check_value(key, value, hint)
+            check_value(key, value, hint, self.defaults.get(key))
         return value
 
     def _nested(self, name: str, value: Any, cls: type) -> dict[str, Any] | None:

@@ -136,7 +136,16 @@ def matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def _fix(name: str, hint: Any, value: Any) -> str:
+def _scalar_text(value: Any) -> str:
+    """A bool, int or float as YAML and a flag write it (a float's exponent with a dot, which YAML needs)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
+def _fix(name: str, hint: Any, value: Any, example: Any = None) -> str:
     members = non_null(hint)
     kind = members[0] if len(members) == 1 else None
     if get_origin(kind) is list or kind is list:
@@ -145,12 +154,14 @@ def _fix(name: str, hint: Any, value: Any) -> str:
         return f"give a list, e.g. {name}: {example} in YAML, --{name} {flag} as a flag"
     examples = {int: "3", float: "2.0e-5", bool: "true"}
     if kind in examples:
-        return f"give {describe(kind)}, e.g. {name}: {examples[kind]} in YAML, --{name} {examples[kind]} as a flag"
+        text = _scalar_text(example) if example is not None and matches(example, kind) else examples[kind]
+        return f"give {describe(kind)}, e.g. {name}: {text} in YAML, --{name} {text} as a flag"
     return f"give {describe(hint)}"
 
 
-def check_value(name: str, value: Any, hint: Any) -> None:
-    """Raise a `ConfigError` unless `value` has the type `hint` says (see `matches`)."""
+def check_value(name: str, value: Any, hint: Any, example: Any = None) -> None:
+    """Raise a `ConfigError` unless `value` has the type `hint` says (see `matches`); the fix shows `example` (the
+    field's default) when it has that type."""
     if matches(value, hint):
         return
     expected = describe(hint)
@@ -160,10 +171,10 @@ def check_value(name: str, value: Any, hint: Any) -> None:
                   "character at a time)"
     else:
         problem = f"{_short(value)} ({type(value).__name__}) is not {expected}"
-    raise ConfigError(name, problem, _fix(name, hint, value))
+    raise ConfigError(name, problem, _fix(name, hint, value, example))
 
 
-def coerce_text(name: str, text: str, hint: Any) -> Any:
+def coerce_text(name: str, text: str, hint: Any, example: Any = None) -> Any:
     """Convert text (a YAML string, a flag) as argparse converts a flag of this type; other text is kept as is."""
     members = non_null(hint)
     if len(members) != 1 or members[0] not in (int, float, bool):
@@ -176,14 +187,15 @@ def coerce_text(name: str, text: str, hint: Any) -> Any:
             return text.lower() in TRUE_TEXT
         return kind(text)
     except ValueError:
-        raise ConfigError(name, f"{_short(text)} is not {describe(kind)}", _fix(name, hint, text)) from None
+        raise ConfigError(name, f"{_short(text)} is not {describe(kind)}", _fix(name, hint, text, example)) from None
 
 
 def check_dataclass(obj: Any, names: Iterable[str] | None = None) -> None:
     """Check the fields `names` of a dataclass instance (default: those this project declares) against their hints."""
     hints = type_hints(type(obj))
+    defaults = {f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING}
     for name in own_fields(type(obj)) if names is None else names:
-        check_value(name, getattr(obj, name), hints[name])
+        check_value(name, getattr(obj, name), hints[name], defaults.get(name))
 
 
 def check_range(obj: Any, name: str, ok: Callable[[Any], bool], expected: str, fix: str | None = None) -> None:
