@@ -194,10 +194,13 @@ def test_minimum_over_processes_agrees_across_two_processes(tmp_path):
 
 
 def test_deepspeed_autocast_runs_the_forward_under_autocast_inside_the_engine(tmp_path, monkeypatch):
-    """DeepSpeed's bf16 engine switches an autocast opened outside it off; `setup_deepspeed_autocast` puts autocast
-    inside the model's own forward (what the engine calls), only under DeepSpeed with half precision and the option
-    on. A deep copy of the model runs its own weights; the trainer passes the arguments' precision and the option."""
+    """Under DeepSpeed accelerate opens no autocast and the engine switches an outer one off; `setup_deepspeed_autocast`
+    puts autocast inside the model's own forward (what the engine calls), only under DeepSpeed with half precision
+    and the option on. A second call replaces the wrapper (the option off takes it off); a deep copy of a wrapped
+    model runs its own weights; a forward set on the instance (a partial) is wrapped as it is. The trainer passes its
+    model, the arguments' precision and the option."""
     import copy
+    import functools
 
     import torch
 
@@ -209,43 +212,64 @@ def test_deepspeed_autocast_runs_the_forward_under_autocast_inside_the_engine(tm
         def forward(self, x):
             return self.norm(self.linear(x))
 
-    seen = []
+    def run(block):  # the autocast state the LayerNorm sees, with autocast off around the call as the engine has it
+        seen = []
+        hook = block.norm.register_forward_pre_hook(
+            lambda m, args: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        with torch.autocast("cpu", enabled=False):
+            block(torch.randn(2, 4))
+        hook.remove()
+        return seen[0]
+
     cpu = torch.device("cpu")
     deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()), device=cpu)
-    for accelerator, half, enabled, expected in ((deepspeed, torch.bfloat16, True, True),
-                                                 (deepspeed, torch.bfloat16, False, False),
-                                                 (deepspeed, None, True, False),
-                                                 (SimpleNamespace(state=SimpleNamespace(), device=cpu), torch.bfloat16,
-                                                  True, False)):
+    other = SimpleNamespace(state=SimpleNamespace(), device=cpu)
+    for accelerator, half, enabled, expected in ((deepspeed, torch.bfloat16, True, torch.bfloat16),
+                                                 (deepspeed, torch.float16, True, torch.float16),
+                                                 (deepspeed, torch.bfloat16, False, None),
+                                                 (deepspeed, None, True, None),
+                                                 (other, torch.bfloat16, True, None)):
         block = Block()
-        block.norm.register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
-        assert setup_deepspeed_autocast(accelerator, block, half, enabled) == (half if expected else None)
-        with torch.autocast("cpu", enabled=False):  # what the engine does around its module's call
-            out = block(torch.randn(2, 4))
-        assert seen.pop() is expected and out.dtype == (torch.bfloat16 if expected else torch.float32)
+        assert setup_deepspeed_autocast(accelerator, block, half, enabled) == expected
+        assert run(block) == expected and ("forward" in vars(block)) == (expected is not None)
+    block = Block()
+    setup_deepspeed_autocast(deepspeed, block, torch.bfloat16)
+    setup_deepspeed_autocast(deepspeed, block, torch.float16)  # replaces the bf16 wrapper, does not nest in it
+    assert run(block) == torch.float16
     twin = copy.deepcopy(block)
     with torch.no_grad():
         twin.linear.weight.zero_()
         twin.linear.bias.zero_()
     x = torch.randn(2, 4)
-    assert torch.equal(twin(x), twin.norm(torch.zeros(2, 4))) and not torch.equal(block(x), twin(x))
-
-    from trl_rejection import distributed
-    from trl_rejection.config import RejectionSFTConfig
-    from trl_rejection.trainer import RejectionSFTTrainer
+    assert run(twin) == torch.float16 and torch.equal(twin(x), twin.norm(torch.zeros(2, 4)))
+    assert not torch.equal(block(x), twin(x))
+    setup_deepspeed_autocast(deepspeed, block, torch.float16, enabled=False)
+    assert run(block) is None and "forward" not in vars(block)
+    block.forward = functools.partial(Block.forward, block)
+    setup_deepspeed_autocast(deepspeed, block, torch.bfloat16)
+    assert run(block) == torch.bfloat16
+    setup_deepspeed_autocast(deepspeed, block, torch.bfloat16, enabled=False)
+    assert isinstance(block.forward, functools.partial)  # the user's own forward, back as it was
 
     import datasets
 
+    from trl_rejection import distributed
+    from trl_rejection.config import RejectionSFTConfig
     from trl_rejection.constants import DEFAULT_REFUSAL
+    from trl_rejection.trainer import RejectionSFTTrainer
 
     rows = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi?"},
                                                      {"role": "assistant", "content": reply}]}
                                        for reply in ("Hello.", DEFAULT_REFUSAL)])
     calls = []
-    monkeypatch.setattr(distributed, "setup_deepspeed_autocast", lambda *a: calls.append(a[2:]))
+    monkeypatch.setattr(distributed, "setup_deepspeed_autocast", lambda *a: calls.append(a[1:]))
     proc = make_processor("llava-1.5")
-    for bf16, option in ((True, True), (False, False)):
+    models = []
+    for bf16, option in ((True, True), (True, False), (False, True)):
         args = RejectionSFTConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", bf16=bf16,
                                   deepspeed_autocast=option)
-        RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=rows, processing_class=proc)
-    assert calls == [(torch.bfloat16, True), (None, False)]
+        trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=rows,
+                                      processing_class=proc)
+        models.append(trainer.model)
+    assert [(m is model, half, option) for (m, half, option), model in zip(calls, models)] == [
+        (True, torch.bfloat16, True), (True, torch.bfloat16, False), (True, None, True)]

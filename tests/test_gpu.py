@@ -200,8 +200,8 @@ torch.nn.modules.module.register_module_forward_hook(record)
 @pytest.mark.parametrize("config,off", [("fsdp", "--fsdp_autocast_precision"), ("zero3", "--deepspeed_autocast")])
 def test_sharded_configs_run_layer_norms_in_float32_as_one_gpu_does(tmp_path, config, off):
     """Under CUDA autocast LayerNorm returns float32, which keeps the CLIP tower's residual stream in float32 on one
-    GPU. accelerate's FSDP2 path applies its mixed-precision policy but no autocast, and DeepSpeed's bf16 engine
-    switches an outer autocast off: a bf16 checkpoint's LayerNorms then returned bf16 (and the sharded losses drifted
+    GPU. accelerate's FSDP2 path applies its mixed-precision policy but no autocast, and under DeepSpeed accelerate
+    opens none (the engine would switch an outer one off): a bf16 checkpoint's LayerNorms then returned bf16 (and the sharded losses drifted
     from one GPU's). With `fsdp_autocast_precision` / `deepspeed_autocast` (default) the forward runs under autocast:
     on 2 GPUs every LayerNorm returns float32, as on one GPU (checked in the FSDP case); with the option off, bf16."""
     _needs(config)

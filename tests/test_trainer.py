@@ -406,33 +406,35 @@ def test_checkpointing_only_every_n_layers_reaches_the_model(tmp_path):
         assert len(flags) >= 4 and flags == [i % every == 0 for i in range(len(flags))]
 
 
-@pytest.mark.parametrize("fsdp2_policy", [True, False])
-def test_the_forward_runs_under_autocast_where_the_fsdp2_policy_is_set(tmp_path, monkeypatch, fsdp2_policy):
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16, None])
+def test_the_forward_runs_under_autocast_where_the_fsdp2_policy_is_set(tmp_path, monkeypatch, half):
     """accelerate autocasts the forward on one device and under DDP, but under FSDP2 applies only the mixed-precision
     policy, so ops that CUDA autocast runs in float32 (LayerNorm: the CLIP tower's residual stream) ran in bf16 and
-    sharded losses drifted from one GPU's. Where `setup_fsdp_precision` sets its policy (FSDP2, bf16,
-    `fsdp_autocast_precision`), the trainer autocasts the training forward in the policy's dtype itself (through
-    `Trainer.compute_loss_context_manager`); elsewhere it adds no autocast. Simulated on CPU: accelerate runs FSDP
-    configs as DDP there; the 2-GPU run is `test_sharded_configs_run_layer_norms_in_float32_as_one_gpu_does`."""
+    sharded losses drifted from one GPU's. Where `setup_fsdp_precision` sets its policy (FSDP2, bf16/fp16,
+    `fsdp_autocast_precision`), the trainer autocasts the forward in the policy's dtype itself, in training and in
+    evaluation (through `Trainer.compute_loss_context_manager`); elsewhere (`half=None`) it adds no autocast.
+    Simulated on CPU: accelerate runs FSDP configs as DDP there; the 2-GPU run is
+    `test_sharded_configs_run_layer_norms_in_float32_as_one_gpu_does`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from trl_rejection import distributed
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=None,
-                                  cast_forward_inputs=False)
-    monkeypatch.setattr(distributed, "setup_fsdp_precision",
-                        lambda accelerator, enabled=True: policy if fsdp2_policy else None)
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32, output_dtype=None,
+                                  cast_forward_inputs=False) if half else None
+    monkeypatch.setattr(distributed, "setup_fsdp_precision", lambda accelerator, enabled=True: policy)
     proc = make_processor("llava-1.5")
     model = make_model("llava-1.5", proc)
     seen = set()
 
     def record(module, args):
-        if module.training:
-            seen.add((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        enabled = torch.is_autocast_enabled("cpu")
+        seen.add((module.training, enabled, torch.get_autocast_dtype("cpu") if enabled else None))
 
     norms = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"])
     args = config(tmp_path, max_steps=1, bf16=False)  # accelerate adds no autocast of its own
-    trainer = RejectionSFTTrainer(model, args=args, train_dataset=mix(), processing_class=proc, peft_config=peft)
+    trainer = RejectionSFTTrainer(model, args=args, train_dataset=mix(), eval_dataset=mix(2, 1),
+                                  processing_class=proc, peft_config=peft)
     trainer.train()
-    assert len(norms) > 2 and seen == {(fsdp2_policy, torch.bfloat16)}
+    trainer.evaluate()
+    assert len(norms) > 2 and seen == {(True, half is not None, half), (False, half is not None, half)}

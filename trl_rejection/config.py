@@ -157,10 +157,12 @@ class RejectionSFTConfig(SFTConfig):
             No effect without FSDP2.
         deepspeed_autocast (`bool`, *optional*, defaults to `True`):
             Under DeepSpeed with bf16/fp16, run the model's forward under `torch.autocast` inside the engine, as
-            accelerate does on one GPU and under DDP. DeepSpeed's bf16/fp16 engine keeps the whole model in half
-            precision and switches an autocast opened outside it off, so ops that autocast runs in float32
-            (LayerNorm: the CLIP vision tower's residual stream) run in half precision, and the losses drift from one
-            GPU's. Off: DeepSpeed's own numerics. No effect without DeepSpeed.
+            accelerate does on one GPU and under DDP. Under DeepSpeed accelerate opens no autocast (the bf16/fp16
+            engine keeps the whole model in half precision), and the engine would switch an outer one off unless its
+            own `torch_autocast` section is on, so ops that autocast runs in float32 (LayerNorm: the CLIP vision
+            tower's residual stream) run in half precision, and the losses drift from one GPU's. Off: DeepSpeed's own
+            numerics (a wrapper set by an earlier trainer on the same model is taken off). No effect without
+            DeepSpeed.
 
     > [!NOTE]
     > `train_sampling_strategy="group_by_length"` groups rows by a length estimated without tokenizing (text
@@ -301,10 +303,12 @@ class RejectionSFTConfig(SFTConfig):
         "No effect without FSDP2."})
     deepspeed_autocast: bool = field(default=True, metadata={
         "help": "Under DeepSpeed with bf16/fp16, run the model's forward under `torch.autocast` inside the engine, as "
-        "accelerate does on one GPU and under DDP. DeepSpeed's bf16/fp16 engine keeps the whole model in half "
-        "precision and switches an autocast opened outside it off, so ops that autocast runs in float32 "
-        "(LayerNorm: the CLIP vision tower's residual stream) run in half precision, and the losses drift from one "
-        "GPU's. Off: DeepSpeed's own numerics. No effect without DeepSpeed."})
+        "accelerate does on one GPU and under DDP. Under DeepSpeed accelerate opens no autocast (the bf16/fp16 "
+        "engine keeps the whole model in half precision), and the engine would switch an outer one off unless its "
+        "own `torch_autocast` section is on, so ops that autocast runs in float32 (LayerNorm: the CLIP vision "
+        "tower's residual stream) run in half precision, and the losses drift from one GPU's. Off: DeepSpeed's own "
+        "numerics (a wrapper set by an earlier trainer on the same model is taken off). No effect without "
+        "DeepSpeed."})
 
     def __post_init__(self) -> None:
         """Check this class's own fields (types and ranges) before `SFTConfig`'s own post-init runs."""

@@ -163,28 +163,52 @@ def setup_deepspeed_autocast(accelerator: Any, model: torch.nn.Module, half: tor
                              enabled: bool = True) -> torch.dtype | None:
     """Under DeepSpeed with bf16/fp16 (`half`, the training arguments' precision), run `model`'s forward under
     `torch.autocast(half)` inside the engine (`deepspeed_autocast`), as accelerate does to the model on one GPU and
-    under DDP. DeepSpeed's bf16/fp16 engine keeps the whole model in half precision and switches an autocast opened
-    outside it off (`deepspeed.runtime.torch_autocast.autocast_if_enabled`), so ops that autocast runs in float32
-    (LayerNorm: the CLIP vision tower's residual stream) ran in half precision. Returns the dtype, None if unchanged
-    (no DeepSpeed, no half precision, or the option off)."""
-    if not enabled or half is None or getattr(accelerator.state, "deepspeed_plugin", None) is None:
+    under DDP. Under DeepSpeed accelerate opens no autocast (it leaves precision to the engine, which keeps the whole
+    model in half precision), and the engine's forward would switch an outer one off unless its own `torch_autocast`
+    section is on (`deepspeed.runtime.torch_autocast.autocast_if_enabled`): ops that autocast runs in float32
+    (LayerNorm: the CLIP vision tower's residual stream) ran in half precision. With the option off, a wrapper put on
+    `model` earlier is taken off. Returns the dtype, None if the forward is not wrapped."""
+    if half is None or getattr(accelerator.state, "deepspeed_plugin", None) is None:
         return None
-    autocast_forward(model, accelerator.device.type, half)
-    logger.info("DeepSpeed: the model's forward runs under torch.autocast(%s)", half)
-    return half
+    autocast_forward(model, accelerator.device.type, half if enabled else None)
+    if enabled:
+        logger.info("DeepSpeed: the model's forward runs under torch.autocast(%s)", half)
+    return half if enabled else None
 
 
-def autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    """Wrap `model.forward` in `torch.autocast(device_type, dtype)`, as the instance's own `forward` (a method bound
-    to `model`, so that a deep copy of the model runs its own forward)."""
-    function = model.forward.__func__
+AUTOCAST_ORIGINAL = "trl_rejection_forward_before_autocast"
+"""Attribute of a model whose forward `autocast_forward` wrapped: its own `forward` attribute before (or None)."""
 
-    @functools.wraps(function)
-    def forward(self, *args, **kwargs):
+
+def autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+    """Wrap `model.forward` in `torch.autocast(device_type, dtype)` as the instance's own `forward`, replacing (not
+    stacking on) an earlier wrapper of this function; `dtype=None` only takes an earlier wrapper off. A bound method
+    is rebound to `model`, so that a deep copy of the model runs its own forward."""
+    if hasattr(model, AUTOCAST_ORIGINAL):
+        (before,) = getattr(model, AUTOCAST_ORIGINAL)
+        delattr(model, AUTOCAST_ORIGINAL)
+        del model.forward
+        if before is not None:
+            model.forward = before
+    if dtype is None:
+        return
+    setattr(model, AUTOCAST_ORIGINAL, (model.__dict__.get("forward"),))
+    current = model.forward
+    function = getattr(current, "__func__", None)
+    if function is not None and getattr(current, "__self__", None) is model:
+        def method(self, *args, **kwargs):
+            with torch.autocast(device_type, dtype=dtype):
+                return function(self, *args, **kwargs)
+
+        model.forward = types.MethodType(functools.wraps(function)(method), model)
+        return
+
+    @functools.wraps(current)
+    def forward(*args, **kwargs):  # a partial or plain function set on the instance: called as it is
         with torch.autocast(device_type, dtype=dtype):
-            return function(self, *args, **kwargs)
+            return current(*args, **kwargs)
 
-    model.forward = types.MethodType(forward, model)
+    model.forward = forward
 
 
 def sharded_backend() -> str | None:
