@@ -65,4 +65,3 @@ def recompute_lora_dropout(model: torch.nn.Module) -> int:
             module.lora_dropout[name] = torch.nn.Identity()
             changed += 1
     return changed
-
