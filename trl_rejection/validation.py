@@ -145,7 +145,7 @@ def _scalar_text(value: Any) -> str:
     return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
 
 
-def _fix(name: str, hint: Any, value: Any, example: Any = None) -> str:
+def _fix(name: str, hint: Any, value: Any, default: Any = None) -> str:
     members = non_null(hint)
     kind = members[0] if len(members) == 1 else None
     if get_origin(kind) is list or kind is list:
@@ -154,14 +154,14 @@ def _fix(name: str, hint: Any, value: Any, example: Any = None) -> str:
         return f"give a list, e.g. {name}: {example} in YAML, --{name} {flag} as a flag"
     examples = {int: "3", float: "2.0e-5", bool: "true"}
     if kind in examples:
-        text = _scalar_text(example) if example is not None and matches(example, kind) else examples[kind]
+        text = _scalar_text(default) if default is not None and matches(default, kind) else examples[kind]
         return f"give {describe(kind)}, e.g. {name}: {text} in YAML, --{name} {text} as a flag"
     return f"give {describe(hint)}"
 
 
-def check_value(name: str, value: Any, hint: Any, example: Any = None) -> None:
-    """Raise a `ConfigError` unless `value` has the type `hint` says (see `matches`); the fix shows `example` (the
-    field's default) when it has that type."""
+def check_value(name: str, value: Any, hint: Any, default: Any = None) -> None:
+    """Raise a `ConfigError` unless `value` has the type `hint` says (see `matches`); the fix shows the field's
+    `default` as the example when it has that type."""
     if matches(value, hint):
         return
     expected = describe(hint)
@@ -171,10 +171,10 @@ def check_value(name: str, value: Any, hint: Any, example: Any = None) -> None:
                   "character at a time)"
     else:
         problem = f"{_short(value)} ({type(value).__name__}) is not {expected}"
-    raise ConfigError(name, problem, _fix(name, hint, value, example))
+    raise ConfigError(name, problem, _fix(name, hint, value, default))
 
 
-def coerce_text(name: str, text: str, hint: Any, example: Any = None) -> Any:
+def coerce_text(name: str, text: str, hint: Any, default: Any = None) -> Any:
     """Convert text (a YAML string, a flag) as argparse converts a flag of this type; other text is kept as is."""
     members = non_null(hint)
     if len(members) != 1 or members[0] not in (int, float, bool):
@@ -187,7 +187,7 @@ def coerce_text(name: str, text: str, hint: Any, example: Any = None) -> Any:
             return text.lower() in TRUE_TEXT
         return kind(text)
     except ValueError:
-        raise ConfigError(name, f"{_short(text)} is not {describe(kind)}", _fix(name, hint, text, example)) from None
+        raise ConfigError(name, f"{_short(text)} is not {describe(kind)}", _fix(name, hint, text, default)) from None
 
 
 def check_dataclass(obj: Any, names: Iterable[str] | None = None) -> None:
