@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_rejection.callbacks import StepProfiler, busy_fraction, parse_step_range
+from trl_rejection.callbacks import HostSyncRecorder, StepProfiler, busy_fraction, parse_step_range
 
 
 def test_step_ranges_parse_or_fail_with_what_is_wrong():
@@ -44,6 +45,7 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     summary = json.loads((tmp_path / "profile" / "rank0.json").read_text())
     assert summary["steps"] == 2 and summary["step_s"] > 0 and summary["rank"] == 0
     assert summary["gpu_busy"] is None and summary["top_gpu_ms_per_step"] == []  # no GPU here
+    assert summary["host_syncs_per_step"] == []  # (CUDA's sync debug mode reports them)
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("steps 2-3,") and "aten::mm" in table
     late = StepProfiler(3, 9, tmp_path / "late", rank=0)  # the run ends at step 4: steps 3-4 are written
@@ -52,3 +54,24 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     trainer.train()
     assert json.loads((tmp_path / "late" / "rank0.json").read_text())["steps"] == 2
     assert (tmp_path / "late" / "rank0.txt").read_text().startswith("steps 3-4,")
+
+
+def _reads_the_gpu():
+    """Stands for an op that makes the host wait (on CUDA, `set_sync_debug_mode("warn")` warns from inside it)."""
+    import torch.nn.functional  # a torch frame in between: the site is this function, not torch
+
+    warnings.warn("an op " + HostSyncRecorder.MESSAGE, UserWarning)
+
+
+def test_host_sync_recorder_counts_sync_warnings_by_their_call_site_and_passes_other_warnings_on():
+    recorder = HostSyncRecorder()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with recorder.recording():
+            for _ in range(3):
+                _reads_the_gpu()
+            warnings.warn("something else")
+        _reads_the_gpu()  # after recording: shown as usual, not counted
+    line = _reads_the_gpu.__code__.co_firstlineno + 4
+    assert recorder.counts == {f"tests/test_profiler.py:{line} _reads_the_gpu": 3}
+    assert [str(w.message) for w in shown] == ["something else", "an op " + HostSyncRecorder.MESSAGE]

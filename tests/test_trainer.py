@@ -438,3 +438,59 @@ def test_the_forward_runs_under_autocast_where_the_fsdp2_policy_is_set(tmp_path,
     trainer.train()
     trainer.evaluate()
     assert len(norms) > 2 and seen == {(True, half is not None, half), (False, half is not None, half)}
+
+
+def test_split_loss_sums_stay_on_the_device_until_the_log_sums_them_over_the_processes(tmp_path, monkeypatch):
+    """Each micro-batch adds its refusal / normal sums to tensors (no `.item()` / `.tolist()`: on a GPU those make
+    the host wait every micro-batch); `log` sums them over the processes once (`accelerator.reduce`) and logs the
+    pooled losses and the token counts per micro-batch of one process."""
+    from trl_rejection.packing import token_row_index
+    from trl_rejection.split_loss import split_loss_sums
+
+    proc = make_processor("llava-1.5")
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path), train_dataset=mix(),
+                                  processing_class=proc)
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batches = [trainer.data_collator([rows[i] for i in (0, 1, 2, 6)]),
+               trainer.data_collator([rows[i] for i in (3, 4, 5, 7)])]
+    assert all(bool(b["is_refusal"].any()) for b in batches)
+    expected = torch.zeros(4, dtype=torch.float64)
+    trainer.model.eval()  # the same sums, without dropout
+    for batch in batches:
+        out = trainer.model(**{k: v for k, v in batch.items() if k != "is_refusal"})
+        rows_of_tokens = token_row_index(batch, batch["labels"].shape)
+        expected += split_loss_sums(out, batch["labels"], batch["is_refusal"], rows_of_tokens).double()
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("a host read of a device tensor in _log_split_loss")
+
+    log_split_loss = trainer._log_split_loss
+
+    def checked(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__float__", "__bool__"):
+                m.setattr(torch.Tensor, name, no_host_read)
+            log_split_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_log_split_loss", checked)
+    reduced = []
+
+    def two_processes(tensor, reduction):  # a second process with the same sums
+        reduced.append((tensor.clone(), reduction))
+        return tensor * 2
+
+    monkeypatch.setattr(trainer.accelerator, "reduce", two_processes)
+    with torch.no_grad():
+        for batch in batches:
+            trainer.compute_loss(trainer.model, dict(batch))
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    (sums, reduction), = reduced
+    assert reduction == "sum" and sums.dtype == torch.float64
+    assert torch.allclose(sums, expected, rtol=1e-5)
+    ref_nll, ref_n, norm_nll, norm_n = expected.tolist()
+    assert logged["eval_loss_refusal"] == pytest.approx(ref_nll / ref_n, rel=1e-5)
+    assert logged["eval_loss_normal"] == pytest.approx(norm_nll / norm_n, rel=1e-5)
+    assert logged["eval_refusal_tokens"] == 2 * ref_n / 2 and logged["eval_normal_tokens"] == 2 * norm_n / 2
+    trainer.log({"loss": 1.0})  # nothing kept since: no second reduce, no split losses
+    assert len(reduced) == 1 and "eval_loss_refusal" not in trainer.state.log_history[-1]

@@ -4,9 +4,15 @@ both), and a profile of chosen optimizer steps."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import os
 import re
 import time
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +96,14 @@ class StepProfiler(TrainerCallback):
     """Trainer callback behind `--profile_steps first-last`: `torch.profiler` over those optimizer steps, in every
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
     `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels, the
-    top kernels in milliseconds per step)."""
+    top kernels in milliseconds per step, and on CUDA the host synchronisations a step by call site)."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
         self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
         self._profiler: Any = None  # running between the first step's begin and the last step's end
         self._t0 = 0.0
+        self._syncs = HostSyncRecorder()
+        self._recording: contextlib.ExitStack | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == self.first and self._profiler is None:  # global_step counts finished steps
@@ -104,6 +112,8 @@ class StepProfiler(TrainerCallback):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             _sync()
             self._profiler = profile(activities=activities)
+            self._recording = contextlib.ExitStack()
+            self._recording.enter_context(self._syncs.recording())
             self._profiler.start()
             self._t0 = time.perf_counter()
 
@@ -119,6 +129,7 @@ class StepProfiler(TrainerCallback):
         _sync()
         wall = time.perf_counter() - self._t0
         self._profiler.stop()
+        self._recording.close()
         self._write(wall, last)
         self._profiler = None
 
@@ -133,7 +144,8 @@ class StepProfiler(TrainerCallback):
         top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:20]
         summary = dict(rank=self.rank, steps=steps, step_s=wall / steps, gpu_busy=busy_fraction(kernels, wall * 1e6),
                        top_gpu_ms_per_step=[(e.key, round(e.self_device_time_total / 1e3 / steps, 3), e.count // steps)
-                                            for e in top])
+                                            for e in top],
+                       host_syncs_per_step=[(site, round(n / steps, 2)) for site, n in self._syncs.counts.most_common()])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
@@ -141,6 +153,58 @@ class StepProfiler(TrainerCallback):
             tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
         (self.out_dir / f"rank{self.rank}.txt").write_text(f"steps {self.first}-{last}, {wall / steps:.3f} s a "
                                                            f"step\n\n" + "\n\n".join(tables) + "\n")
+
+
+class HostSyncRecorder:
+    """Counts the operations that make the host wait for the GPU (`.item()`, `.tolist()`, `nonzero`, ...) by call
+    site, while `recording()` is open: `torch.cuda.set_sync_debug_mode("warn")` reports each one as a warning, which
+    is counted instead of shown. A site is the innermost frame outside torch, with the innermost torch frame it
+    called when there is one, e.g. `"transformers/models/llava/modeling_llava.py:310 get_placeholder_mask"`."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        cuda = torch.cuda.is_available()
+        previous = torch.cuda.get_sync_debug_mode() if cuda else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            shown = warnings.showwarning
+
+            def showwarning(message, category, filename, lineno, file=None, line=None):
+                if self.MESSAGE in str(message):
+                    self.counts[self.site(traceback.extract_stack()[:-1])] += 1
+                else:
+                    shown(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = showwarning
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(previous)
+
+    @staticmethod
+    def site(stack: list[traceback.FrameSummary]) -> str:
+        """The innermost frame not in torch (nor in this module), as `path:line function` relative to its package."""
+        torch_dir = os.path.dirname(torch.__file__)
+        own = [f for f in stack if f.filename not in (__file__, warnings.__file__)]
+        outside = [f for f in own if not f.filename.startswith(torch_dir)]
+        frame = (outside or own or stack)[-1]
+        parts = Path(frame.filename).parts
+        package = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] in ("site-packages", "dist-packages")),
+                       None)
+        short = "/".join(parts[package + 1:] if package is not None else parts[-2:])
+        text = f"{short}:{frame.lineno} {frame.name}"
+        inner = [f for f in own if f.filename.startswith(torch_dir)]
+        if outside and inner and own.index(inner[-1]) > own.index(outside[-1]):
+            text += f" -> torch {Path(inner[-1].filename).name}:{inner[-1].lineno} {inner[-1].name}"
+        return text
 
 
 def _sync() -> None:

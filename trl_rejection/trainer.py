@@ -203,7 +203,7 @@ class RejectionSFTTrainer(SFTTrainer):
                          quantization_config=quantization_config, peft_config=peft_config,
                          formatting_func=formatting_func)
         self.padding_free = padding_free
-        self._split_sums: dict[str, list[float]] = {}
+        self._split_sums: dict[str, tuple[torch.Tensor, int]] = {}  # mode -> (on-device sums, micro-batches)
         if padding_free:
             use_varlen_attention(self.model)
         if args.varlen_vision_attention:
@@ -213,6 +213,7 @@ class RejectionSFTTrainer(SFTTrainer):
         policy = distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         # accelerate autocasts the model's forward in every setup but FSDP2, where it applies only the policy
         self._forward_autocast_dtype = policy.param_dtype if policy is not None else None
+        self._prefetch_set = False  # `fsdp_prefetch_blocks`, set on the sharded model at the first training step
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         distributed.setup_deepspeed_autocast(self.accelerator, self.model, half, args.deepspeed_autocast)
@@ -275,6 +276,10 @@ class RejectionSFTTrainer(SFTTrainer):
                               cache_enabled=cache_enabled)
 
     def training_step(self, model, inputs, *args, **kwargs):
+        if not self._prefetch_set:  # the model is sharded by the first step
+            self._prefetch_set = True
+            if self.is_fsdp_enabled:
+                distributed.setup_fsdp_prefetch(model, self.args.fsdp_prefetch_blocks)
         # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward.
         with self._lora_input_cast_context(), self._checkpointing_context(inputs):
             return super().training_step(model, inputs, *args, **kwargs)
@@ -333,17 +338,24 @@ class RejectionSFTTrainer(SFTTrainer):
 
     def _log_split_loss(self, outputs: Any, labels: torch.Tensor, is_refusal: torch.Tensor,
                         token_rows: torch.Tensor | None) -> None:
-        """Add this batch's `split_loss_sums` (all processes) to the sums logged next.
+        """Add this micro-batch's `split_loss_sums` to this process's running sums, on the device (no host sync).
 
-        Pooled over every token since the last log (all processes, all accumulation steps): the same number however
-        a global batch is split across processes and micro-batches, as the loss itself is. The last sum counts the
-        micro-batches, over which the token counts are averaged.
+        `log` sums them over the processes: pooled over every token since the last log (all processes, all
+        accumulation steps), the same number however a global batch is split across processes and micro-batches, as
+        the loss itself is. The micro-batches are counted to average the token counts over them.
         """
-        stats = split_loss_sums(outputs, labels, is_refusal, token_rows)
-        gathered = self.accelerator.gather_for_metrics(stats[None]).sum(0).tolist()
-        sums = self._split_sums.setdefault("train" if self.model.training else "eval", [0.0] * 5)
-        for i, x in enumerate((*gathered, 1)):
-            sums[i] += x
+        stats = split_loss_sums(outputs, labels, is_refusal, token_rows).to(torch.float64)
+        mode = "train" if self.model.training else "eval"
+        sums, count = self._split_sums.get(mode, (0, 0))
+        self._split_sums[mode] = (stats + sums, count + 1)
+
+    def _pop_split_loss(self, mode: str) -> list[float] | None:
+        """The sums `_log_split_loss` kept for `mode` since the last call, summed over the processes (a collective:
+        `log` runs on every process), and this process's micro-batch count; None if there are none."""
+        sums, count = self._split_sums.pop(mode, (None, 0))
+        if sums is None:
+            return None
+        return [*self.accelerator.reduce(sums, reduction="sum").tolist(), count]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         start = time.perf_counter()
@@ -362,7 +374,7 @@ class RejectionSFTTrainer(SFTTrainer):
             else None
         if kept is not None:
             logs["uncheckpointed_layers"] = round(kept, 2)
-        sums = self._split_sums.pop(mode, None)
+        sums = self._pop_split_loss(mode)
         if sums is not None:
             prefix = "eval_" if mode == "eval" else ""
             ref_nll, ref_n, norm_nll, norm_n, steps = sums
