@@ -58,8 +58,6 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
 
 def _reads_the_gpu():
     """Stands for an op that makes the host wait (on CUDA, `set_sync_debug_mode("warn")` warns from inside it)."""
-    import torch.nn.functional  # a torch frame in between: the site is this function, not torch
-
     warnings.warn("an op " + HostSyncRecorder.MESSAGE, UserWarning)
 
 
