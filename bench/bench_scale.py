@@ -31,6 +31,8 @@ Runs (global batch 32 each):
     fsdp_keep       fsdp launched with --fsdp_reshard_after_forward false (blocks stay gathered from forward to backward)
     fsdp_simple, zero3_simple   fsdp / zero3 with NCCL_PROTO=Simple (NCCL picks its low-latency protocol, LL, for
                     the sharded configs' all-gathers on 2 GPUs)
+    fsdp_sync       fsdp with the two host syncs a micro-batch of earlier rounds: Trainer's NaN/inf check of the loss
+                    (--logging_nan_inf_filter true) and blocking batch copies (accelerate's non_blocking false)
     fsdp_pf1, fsdp_pf2   fsdp with --fsdp_prefetch_blocks 1 / 2 (each block issues the next blocks' all-gathers
                     as it starts, instead of FSDP2's own prefetching)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
@@ -85,6 +87,8 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "fsdp_keep": ("fsdp", 2, 16, 1, ()),
     "fsdp_accel": ("fsdp", 2, 16, 1, ("--fsdp_autocast_precision", "false")),
     "fsdp_simple": ("fsdp", 2, 16, 1, ()), "zero3_simple": ("zero3", 2, 16, 1, ()),
+    "fsdp_sync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "true", "--accelerator_config",
+                                      str(WORK / "blocking_batches.json"))),
     "fsdp_pf1": ("fsdp", 2, 16, 1, ("--fsdp_prefetch_blocks", "1")),
     "fsdp_pf2": ("fsdp", 2, 16, 1, ("--fsdp_prefetch_blocks", "2")),
 }
@@ -125,6 +129,7 @@ def run_key(name: str) -> str:
 def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
     key = run_key(name)
     cfg, n, bs, accumulation, flags = RUNS[key]
+    (WORK / "blocking_batches.json").write_text('{"non_blocking": false}\n')  # fsdp_sync's accelerator_config
     if SMALL:
         how = (["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"] if n == 1 else
                ["--config_file", str(ROOT / "recipes/accelerate_configs/multi_cpu.yaml")])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_rejection.callbacks import HostSyncRecorder, StepProfiler, busy_fraction, parse_step_range
+from trl_rejection.callbacks import HostSyncRecorder, StepProfiler, busy_fraction, idle_gaps, parse_step_range
 
 
 def test_step_ranges_parse_or_fail_with_what_is_wrong():
@@ -46,6 +46,7 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     assert summary["steps"] == 2 and summary["step_s"] > 0 and summary["rank"] == 0
     assert summary["gpu_busy"] is None and summary["top_gpu_ms_per_step"] == []  # no GPU here
     assert summary["host_syncs_per_step"] == []  # (CUDA's sync debug mode reports them)
+    assert summary["idle_ms_per_step_by_host_op"] == []  # no kernels
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("steps 2-3,") and "aten::mm" in table
     late = StepProfiler(3, 9, tmp_path / "late", rank=0)  # the run ends at step 4: steps 3-4 are written
@@ -70,6 +71,25 @@ def test_host_sync_recorder_counts_sync_warnings_by_their_call_site_and_passes_o
                 _reads_the_gpu()
             warnings.warn("something else")
         _reads_the_gpu()  # after recording: shown as usual, not counted
-    line = _reads_the_gpu.__code__.co_firstlineno + 4
+    line = _reads_the_gpu.__code__.co_firstlineno + 2
     assert recorder.counts == {f"tests/test_profiler.py:{line} _reads_the_gpu": 3}
     assert [str(w.message) for w in shown] == ["something else", "an op " + HostSyncRecorder.MESSAGE]
+
+
+def test_idle_gaps_are_labelled_by_what_the_host_ran_in_their_middle():
+    from types import SimpleNamespace as NS
+
+    def op(name, start, end, parent=None):
+        return NS(name=name, time_range=NS(start=start, end=end), cpu_parent=parent)
+
+    step = op("optimizer.step", 100, 400)
+    host = [step, op("aten::_foreach_add_", 150, 250, step), op("aten::item", 500, 560)]
+    kernels = [(0, 120), (110, 140), (260, 300), (320, 330), (600, 700), (700, 710), (750, 760)]
+    # gaps: 140-260 (middle 200: the foreach inside the step), 300-320 (20: too short), 330-600 (middle 465: no
+    # operator), 710-750 (40: too short)
+    assert idle_gaps(kernels, host) == [("(no operator: Python)", 270, 1),
+                                        ("optimizer.step > aten::_foreach_add_", 120, 1)]
+    assert idle_gaps(kernels, host, min_gap=10) == [("(no operator: Python)", 310, 2),
+                                                    ("optimizer.step > aten::_foreach_add_", 120, 1),
+                                                    ("optimizer.step", 20, 1)]
+    assert idle_gaps([], host) == []

@@ -4,6 +4,7 @@ both), and a profile of chosen optimizer steps."""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import json
@@ -96,7 +97,8 @@ class StepProfiler(TrainerCallback):
     """Trainer callback behind `--profile_steps first-last`: `torch.profiler` over those optimizer steps, in every
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
     `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels, the
-    top kernels in milliseconds per step, and on CUDA the host synchronisations a step by call site)."""
+    top kernels in milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`),
+    and on CUDA the host synchronisations a step by call site)."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
         self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
@@ -139,12 +141,15 @@ class StepProfiler(TrainerCallback):
         steps = last - self.first + 1
         averages = self._profiler.key_averages()
         gpu = [e for e in averages if e.self_device_time_total > 0]
-        kernels = [(e.time_range.start, e.time_range.end) for e in self._profiler.events()
-                   if e.device_type == DeviceType.CUDA]
+        events = self._profiler.events()
+        kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+        host_ops = [e for e in events if e.device_type == DeviceType.CPU]
         top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:20]
         summary = dict(rank=self.rank, steps=steps, step_s=wall / steps, gpu_busy=busy_fraction(kernels, wall * 1e6),
                        top_gpu_ms_per_step=[(e.key, round(e.self_device_time_total / 1e3 / steps, 3), e.count // steps)
                                             for e in top],
+                       idle_ms_per_step_by_host_op=[(label, round(us / 1e3 / steps, 2), n // steps)
+                                                    for label, us, n in idle_gaps(kernels, host_ops)[:12]],
                        host_syncs_per_step=[(site, round(n / steps, 2)) for site, n in self._syncs.counts.most_common()])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -153,6 +158,41 @@ class StepProfiler(TrainerCallback):
             tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
         (self.out_dir / f"rank{self.rank}.txt").write_text(f"steps {self.first}-{last}, {wall / steps:.3f} s a "
                                                            f"step\n\n" + "\n\n".join(tables) + "\n")
+
+
+def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
+              min_gap: float = 50.0) -> list[tuple[str, float, int]]:
+    """Where the GPU waited for the host: each gap of at least `min_gap` (same unit as the times, the profiler's
+    microseconds) between the kernels, labelled by what the host was running at the gap's middle, the innermost
+    profiled operator with its outermost one (`"aten::item < aten::_local_scalar_dense"`... as `outer > inner`), or
+    `"(no operator: Python)"`. Returns (label, total gap time, gaps), longest total first. `host_ops` need
+    `name`, `time_range.start` / `.end` and `cpu_parent` (a profiler's `FunctionEvent`s)."""
+    busy: list[list[float]] = []
+    for start, stop in sorted(kernels):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], stop)
+        else:
+            busy.append([start, stop])
+    ops = sorted(host_ops, key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in ops]
+    totals: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
+        if gap_end - gap_start < min_gap:
+            continue
+        middle = (gap_start + gap_end) / 2
+        i = bisect.bisect_right(starts, middle)
+        inner = next((e for e in reversed(ops[max(i - 5000, 0):i]) if e.time_range.end > middle), None)
+        if inner is None:
+            label = "(no operator: Python)"
+        else:
+            outer = inner
+            while outer.cpu_parent is not None:
+                outer = outer.cpu_parent
+            label = inner.name if outer is inner else f"{outer.name} > {inner.name}"
+        totals[label] += gap_end - gap_start
+        counts[label] += 1
+    return [(label, total, counts[label]) for label, total in totals.most_common()]
 
 
 class HostSyncRecorder:

@@ -90,6 +90,10 @@ class RejectionSFTConfig(SFTConfig):
             batches); other multimodal RoPE or token-type masks (Qwen3-VL-MoE, GLM-4V, PaliGemma, ...) fall back to
             padded batches. A `data_collator` given to
             the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off).
+        logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
+            Replace a NaN or infinite micro-batch loss by the running average in the logged loss (`TrainingArguments`'
+            default: True). Off here: the check makes the host wait for the GPU after every micro-batch, which costs
+            most under FSDP and ZeRO-3; a NaN or infinite loss is then logged as it is.
         cast_lora_inputs (`bool`, *optional*, defaults to `False`):
             Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 autocast the
             LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it during
@@ -170,6 +174,10 @@ class RejectionSFTConfig(SFTConfig):
             DeepSpeed.
 
     > [!NOTE]
+    > Batches move to the GPU without making the host wait (`accelerator_config`'s `non_blocking` defaults to True
+    > here, with the trainer's pinned memory); an `accelerator_config` that sets `non_blocking` keeps its value.
+
+    > [!NOTE]
     > `train_sampling_strategy="group_by_length"` groups rows by a length estimated without tokenizing (text
     > characters / 4 + tokens per image; or the `length` column if the dataset has one), image rows and text-only
     > rows apart, like LLaVA's `group_by_modality_length`. With `padding_free` there is no padding to remove, so the
@@ -242,6 +250,10 @@ class RejectionSFTConfig(SFTConfig):
         "batches); other multimodal RoPE or token-type masks (Qwen3-VL-MoE, GLM-4V, PaliGemma, ...) fall back to "
         "padded batches. A `data_collator` given to "
         "the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off)."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "Replace a NaN or infinite micro-batch loss by the running average in the logged loss "
+        "(`TrainingArguments`' default: True). Off here: the check makes the host wait for the GPU after every "
+        "micro-batch, which costs most under FSDP and ZeRO-3; a NaN or infinite loss is then logged as it is."})
     cast_lora_inputs: bool = field(default=False, metadata={
         "help": "Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 "
         "autocast the LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it "
@@ -323,6 +335,10 @@ class RejectionSFTConfig(SFTConfig):
     def __post_init__(self) -> None:
         """Check this class's own fields (types and ranges) before `SFTConfig`'s own post-init runs."""
         check_dataclass(self)
+        if self.accelerator_config is None:
+            self.accelerator_config = {"non_blocking": True}
+        elif isinstance(self.accelerator_config, dict):
+            self.accelerator_config = {"non_blocking": True, **self.accelerator_config}
         check_range(self, "refusal_sentences", lambda v: v and non_empty_strings(v), "a non-empty list of non-blank "
                     "sentences", f"give at least one sentence, e.g. refusal_sentences: [{DEFAULT_REFUSAL!r}]")
         check_range(self, "projector_modules", non_empty_strings, "a list of non-blank name fragments (a blank one "
