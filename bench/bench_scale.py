@@ -31,10 +31,9 @@ Runs (global batch 32 each):
     fsdp_keep       fsdp launched with --fsdp_reshard_after_forward false (blocks stay gathered from forward to backward)
     fsdp_simple, zero3_simple   fsdp / zero3 with NCCL_PROTO=Simple (NCCL picks its low-latency protocol, LL, for
                     the sharded configs' all-gathers on 2 GPUs)
-    fsdp_sync       fsdp with the two host syncs a micro-batch of earlier rounds: Trainer's NaN/inf check of the loss
-                    (--logging_nan_inf_filter true) and blocking batch copies (accelerate's non_blocking false)
-    fsdp_pf1, fsdp_pf2   fsdp with --fsdp_prefetch_blocks 1 / 2 (each block issues the next blocks' all-gathers
-                    as it starts, instead of FSDP2's own prefetching)
+    fsdp_sync       fsdp with blocking batch copies (accelerate's non_blocking false, the default before session 23)
+                    and --logging_nan_inf_filter true (Trainer's NaN/inf check of each micro-batch loss)
+    fsdp_nosync     fsdp with --logging_nan_inf_filter false (neither host sync)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
@@ -89,8 +88,7 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "fsdp_simple": ("fsdp", 2, 16, 1, ()), "zero3_simple": ("zero3", 2, 16, 1, ()),
     "fsdp_sync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "true", "--accelerator_config",
                                       str(WORK / "blocking_batches.json"))),
-    "fsdp_pf1": ("fsdp", 2, 16, 1, ("--fsdp_prefetch_blocks", "1")),
-    "fsdp_pf2": ("fsdp", 2, 16, 1, ("--fsdp_prefetch_blocks", "2")),
+    "fsdp_nosync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "false")),
 }
 LAUNCH_FLAGS = {"fsdp_keep": ["--fsdp_reshard_after_forward", "false"]}  # accelerate launch options of a run
 RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"}}  # environment of a run

@@ -8,11 +8,8 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 from trl_rejection.distributed import (ZERO3_DEFAULTS, fsdp_layer_classes, setup_deepspeed_autocast,
-                                      setup_fsdp_precision, setup_fsdp_prefetch, setup_zero3, sharded_backend,
-                                      without_zero3)
+                                      setup_fsdp_precision, setup_zero3, sharded_backend, without_zero3)
 from trl_rejection.testing.tiny import make_model, make_processor
 
 
@@ -169,69 +166,6 @@ def test_fsdp2_with_the_autocast_policy_passes_float32_activations_through_block
             if name == "ours":
                 assert block.linear.weight.grad.dtype == torch.float32
         assert seen == {"accelerate": (torch.bfloat16, torch.bfloat16), "ours": (torch.float32, torch.float32)}
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("blocks", [0, 1, 2])
-def test_fsdp_prefetch_sets_each_stack_of_blocks_to_prefetch_its_neighbours(tmp_path, monkeypatch, blocks):
-    """Real FSDP2 blocks (one gloo process): with `blocks` > 0 each block of a stack (a `ModuleList`) prefetches the
-    next `blocks` of its own stack in the forward and the previous ones in the backward; a sharded module outside a
-    stack and the root are left to FSDP2; the step computes what it computes without prefetching."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Linear(4, 4)
-            self.vision = torch.nn.Module()
-            self.vision.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
-            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
-
-        def forward(self, x):
-            for layer in [self.embed, *self.vision.layers, *self.layers]:
-                x = torch.tanh(layer(x))
-            return x
-
-    calls = {}
-    for kind in ("forward", "backward"):
-        method = getattr(FSDPModule, f"set_modules_to_{kind}_prefetch")
-
-        def record(self, modules, kind=kind, method=method):
-            calls[(kind, self)] = list(modules)
-            return method(self, modules)
-
-        monkeypatch.setattr(FSDPModule, f"set_modules_to_{kind}_prefetch", record)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        results = []
-        for prefetch in (0, blocks):
-            torch.manual_seed(0)
-            model = Model()
-            for module in [model.embed, *model.vision.layers, *model.layers, model]:
-                fully_shard(module, mesh=mesh)
-            calls.clear()
-            assert setup_fsdp_prefetch(model, prefetch) == (6 if prefetch else 0)
-            out = model(torch.randn(3, 4))
-            out.sum().backward()
-            results.append([out.detach(), *(p.grad.full_tensor() for p in model.parameters())])
-        lm, vision = list(model.layers), list(model.vision.layers)
-        if blocks:
-            expected = {}
-            for stack in (lm, vision):
-                for i, block in enumerate(stack):
-                    expected[("forward", block)] = stack[i + 1:i + 1 + blocks]
-                    expected[("backward", block)] = stack[max(i - blocks, 0):i][::-1]
-            assert calls == expected
-            assert calls[("forward", lm[0])] == lm[1:1 + blocks] and calls[("backward", lm[3])][0] is lm[2]
-        else:
-            assert calls == {}
-        for a, b in zip(*results):
-            assert torch.equal(a, b)
     finally:
         dist.destroy_process_group()
 

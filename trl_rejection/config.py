@@ -90,10 +90,6 @@ class RejectionSFTConfig(SFTConfig):
             batches); other multimodal RoPE or token-type masks (Qwen3-VL-MoE, GLM-4V, PaliGemma, ...) fall back to
             padded batches. A `data_collator` given to
             the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off).
-        logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
-            Replace a NaN or infinite micro-batch loss by the running average in the logged loss (`TrainingArguments`'
-            default: True). Off here: the check makes the host wait for the GPU after every micro-batch, which costs
-            most under FSDP and ZeRO-3; a NaN or infinite loss is then logged as it is.
         cast_lora_inputs (`bool`, *optional*, defaults to `False`):
             Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 autocast the
             LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it during
@@ -159,11 +155,6 @@ class RejectionSFTConfig(SFTConfig):
             reduced in float32. Without it, ops that autocast runs in float32 (LayerNorm: the CLIP vision tower's
             residual stream) run in half precision, and the losses drift from one GPU's. Off: accelerate's policy.
             No effect without FSDP2.
-        fsdp_prefetch_blocks (`int`, *optional*, defaults to `0`):
-            Under FSDP2, how many blocks ahead each sharded block prefetches (all-gathers) the next ones' parameters,
-            in the forward (the blocks after it) and the backward (the blocks before it), issued as the block starts.
-            0: FSDP2's own (the next block, issued when the host reaches it). 2 or more overlaps more communication
-            with compute at the memory of that many gathered blocks. No effect without FSDP2.
         deepspeed_autocast (`bool`, *optional*, defaults to `True`):
             Under DeepSpeed with bf16/fp16, run the model's forward under `torch.autocast` inside the engine, as
             accelerate does on one GPU and under DDP. Under DeepSpeed accelerate opens no autocast (the bf16/fp16
@@ -250,10 +241,6 @@ class RejectionSFTConfig(SFTConfig):
         "batches); other multimodal RoPE or token-type masks (Qwen3-VL-MoE, GLM-4V, PaliGemma, ...) fall back to "
         "padded batches. A `data_collator` given to "
         "the trainer decides for itself (its own `padding_free` if it is a `RejectionDataCollator`, else off)."})
-    logging_nan_inf_filter: bool = field(default=False, metadata={
-        "help": "Replace a NaN or infinite micro-batch loss by the running average in the logged loss "
-        "(`TrainingArguments`' default: True). Off here: the check makes the host wait for the GPU after every "
-        "micro-batch, which costs most under FSDP and ZeRO-3; a NaN or infinite loss is then logged as it is."})
     cast_lora_inputs: bool = field(default=False, metadata={
         "help": "Keep PEFT's upcast of every LoRA layer's input to the adapters' fp32 dtype. Under bf16/fp16 "
         "autocast the LoRA matmuls run in half precision anyway, so the upcast only adds copies; `False` skips it "
@@ -318,11 +305,6 @@ class RejectionSFTConfig(SFTConfig):
         "reduced in float32. Without it, ops that autocast runs in float32 (LayerNorm: the CLIP vision tower's "
         "residual stream) run in half precision, and the losses drift from one GPU's. Off: accelerate's policy. "
         "No effect without FSDP2."})
-    fsdp_prefetch_blocks: int = field(default=0, metadata={
-        "help": "Under FSDP2, how many blocks ahead each sharded block prefetches (all-gathers) the next ones' "
-        "parameters, in the forward (the blocks after it) and the backward (the blocks before it), issued as the "
-        "block starts. 0: FSDP2's own (the next block, issued when the host reaches it). 2 or more overlaps more "
-        "communication with compute at the memory of that many gathered blocks. No effect without FSDP2."})
     deepspeed_autocast: bool = field(default=True, metadata={
         "help": "Under DeepSpeed with bf16/fp16, run the model's forward under `torch.autocast` inside the engine, as "
         "accelerate does on one GPU and under DDP. Under DeepSpeed accelerate opens no autocast (the bf16/fp16 "
@@ -355,8 +337,6 @@ class RejectionSFTConfig(SFTConfig):
                     "1", "give e.g. 0.1, or null for no warning")
         check_range(self, "checkpoint_memory_fraction", lambda v: 0 < v <= 1, "a fraction of the GPU's memory in "
                     "(0, 1]", "give e.g. 0.85, or checkpoint_layers: all to checkpoint every layer")
-        check_range(self, "fsdp_prefetch_blocks", lambda v: v >= 0, "a number of blocks >= 0",
-                    "give 0 (FSDP2's own prefetching) or e.g. 2")
         check_range(self, "dataloader_num_workers", lambda v: v >= 0, "a number of processes >= 0", "give e.g. 4")
         check_range(self, "remove_unused_columns", lambda v: not v, "False (the collator reads the `messages`, "
                     "`images` and `is_refusal` columns, which the model's forward does not take)",

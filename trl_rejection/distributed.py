@@ -89,31 +89,6 @@ def setup_fsdp_precision(accelerator: Any, enabled: bool = True) -> Any:
     return plugin.mixed_precision_policy
 
 
-def setup_fsdp_prefetch(model: torch.nn.Module, blocks: int) -> int:
-    """Under FSDP2, have each sharded block prefetch the parameters of the `blocks` blocks that follow it in the
-    forward and of the `blocks` before it in the backward (`FSDPModule.set_modules_to_forward_prefetch` /
-    `set_modules_to_backward_prefetch`), within each stack of blocks (a `ModuleList` such as the language model's or
-    the vision tower's layers). `blocks=0` leaves FSDP2's own prefetching. Returns the number of blocks set up (0
-    without FSDP2). Call on the prepared (sharded) model."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if blocks <= 0:
-        return 0
-    stacks: dict[str, list[FSDPModule]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, FSDPModule) and module is not model and "." in name:
-            parent, index = name.rsplit(".", 1)
-            if index.isdigit():
-                stacks.setdefault(parent, []).append(module)
-    for stack in stacks.values():
-        for i, module in enumerate(stack):
-            module.set_modules_to_forward_prefetch(stack[i + 1:i + 1 + blocks])
-            module.set_modules_to_backward_prefetch(stack[max(i - blocks, 0):i][::-1])
-    count = sum(len(s) for s in stacks.values())
-    logger.info("FSDP2 prefetch: %d blocks ahead in %d blocks of %s", blocks, count, sorted(stacks))
-    return count
-
-
 @contextlib.contextmanager
 def fsdp2_block_policy(accelerator: Any) -> Iterator[None]:
     """While `Trainer.train` prepares an FSDP2 model, keep the block wrap policy set by `setup_fsdp_wrapping`.

@@ -213,7 +213,6 @@ class RejectionSFTTrainer(SFTTrainer):
         policy = distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         # accelerate autocasts the model's forward in every setup but FSDP2, where it applies only the policy
         self._forward_autocast_dtype = policy.param_dtype if policy is not None else None
-        self._prefetch_set = False  # `fsdp_prefetch_blocks`, set on the sharded model at the first training step
         distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         distributed.setup_deepspeed_autocast(self.accelerator, self.model, half, args.deepspeed_autocast)
@@ -276,10 +275,6 @@ class RejectionSFTTrainer(SFTTrainer):
                               cache_enabled=cache_enabled)
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if not self._prefetch_set:  # the model is sharded by the first step
-            self._prefetch_set = True
-            if self.is_fsdp_enabled:
-                distributed.setup_fsdp_prefetch(model, self.args.fsdp_prefetch_blocks)
         # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward.
         with self._lora_input_cast_context(), self._checkpointing_context(inputs):
             return super().training_step(model, inputs, *args, **kwargs)
