@@ -48,6 +48,10 @@ resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
 
+STEPS=20 (with ROWS=640 at `prepare`): longer runs, for a steadier rate (10 steps time 7 of them; between calls on
+the same machine kind a 2-GPU rate moved by up to 21% in session 23). The cosine schedule then spans 20 steps, so
+compare losses only between runs of one STEPS.
+
 SMALL=1: a CPU dry run of the harness (tiny model, gloo processes, `multi_cpu.yaml` for every 2-process config).
 """
 
@@ -69,6 +73,7 @@ OUT = Path(os.environ.get("OUT", "/tmp"))
 SMALL = os.environ.get("SMALL") == "1"
 ROWS = int(os.environ.get("ROWS", "320"))
 WARM = int(os.environ.get("WARM", "3"))
+STEPS = os.environ.get("STEPS")  # optimizer steps a run (the config's 10 if unset); `prepare` needs ROWS >= 32 x STEPS
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
 PROFILE = os.environ.get("PROFILE")  # e.g. "5-7": profile those steps (--profile_steps); their timing is then off
 RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation, extra recipe flags)
@@ -145,6 +150,8 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
            "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
            "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
            "--gradient_accumulation_steps", str(accumulation), *extra, *flags]
+    if STEPS:
+        cmd += ["--max_steps", STEPS]
     if PROFILE or name.endswith("_prof"):
         cmd += ["--profile_steps", PROFILE or "5-7"]
     if name.endswith("_ckpt"):

@@ -194,7 +194,12 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     if script_args.record_data_order:
         trainer.data_collator = RecordingCollator(
             trainer.data_collator, output_dir / f"data_order_rank{training_args.process_index}.jsonl")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    finally:
+        for callback in callbacks:
+            if isinstance(callback, StepProfiler):
+                callback.close()  # a run that stopped inside the profiled steps
     trainer.save_state()  # <output_dir>/trainer_state.json: the whole log history (split losses), tokens seen
 
     final = output_dir / "final"

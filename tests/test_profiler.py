@@ -79,17 +79,45 @@ def test_host_sync_recorder_counts_sync_warnings_by_their_call_site_and_passes_o
 def test_idle_gaps_are_labelled_by_what_the_host_ran_in_their_middle():
     from types import SimpleNamespace as NS
 
-    def op(name, start, end, parent=None):
-        return NS(name=name, time_range=NS(start=start, end=end), cpu_parent=parent)
+    def op(name, start, end, parent=None, thread=1):
+        return NS(name=name, time_range=NS(start=start, end=end), cpu_parent=parent, thread=thread)
 
     step = op("optimizer.step", 100, 400)
-    host = [step, op("aten::_foreach_add_", 150, 250, step), op("aten::item", 500, 560)]
-    kernels = [(0, 120), (110, 140), (260, 300), (320, 330), (600, 700), (700, 710), (750, 760)]
-    # gaps: 140-260 (middle 200: the foreach inside the step), 300-320 (20: too short), 330-600 (middle 465: no
-    # operator), 710-750 (40: too short)
+    first = op("aten::_foreach_add_", 100, 250, step)  # starts with its parent
+    many = [op("aten::mul_", 260 + i * 1e-3, 260 + i * 1e-3 + 1e-4, step) for i in range(6000)]  # all done by 300
+    backward = op("autograd::engine::evaluate_function: MmBackward0", 700, 745, thread=2)
+    host = [op("aten::item", 500, 560), *many[::-1], backward, first, step]  # any order
+    kernels = [(750, 760), (0, 120), (110, 140), (260, 300), (320, 330), (600, 700), (700, 710)]
+    # gaps: 140-260 (middle 200: the foreach, inside the step), 300-320 (20: too short), 330-600 (middle 465: no
+    # operator running), 710-750 (40: too short)
     assert idle_gaps(kernels, host) == [("(no operator: Python)", 270, 1),
                                         ("optimizer.step > aten::_foreach_add_", 120, 1)]
-    assert idle_gaps(kernels, host, min_gap=10) == [("(no operator: Python)", 310, 2),
+    # with shorter gaps counted: 300-320's middle (310) lies in the step after its 6,000 children ended, and
+    # 710-750's (730) in another thread's backward
+    assert idle_gaps(kernels, host, min_gap=10) == [("(no operator: Python)", 270, 1),
                                                     ("optimizer.step > aten::_foreach_add_", 120, 1),
+                                                    ("autograd::engine::evaluate_function: MmBackward0", 40, 1),
                                                     ("optimizer.step", 20, 1)]
     assert idle_gaps([], host) == []
+
+
+def test_host_sync_sites_name_the_caller_outside_torch_and_the_torch_frame_it_called():
+    import os
+    import traceback
+
+    import torch
+
+    torch_file = os.path.join(os.path.dirname(torch.__file__), "_tensor.py")
+    packages = "/venv/lib/python3.11/site-packages"
+
+    def frame(path, line, name):
+        return traceback.FrameSummary(path, line, name, lookup_line=False)
+
+    stack = [frame("/work/recipes/sft_rejection.py", 10, "main"),
+             frame(f"{packages}/transformers/models/llava/modeling_llava.py", 189, "get_placeholder_mask"),
+             frame(torch_file, 1150, "__format__"), frame(warnings.__file__, 1, "_showwarnmsg")]
+    assert HostSyncRecorder.site(stack) == ("transformers/models/llava/modeling_llava.py:189 get_placeholder_mask "
+                                            "-> torch _tensor.py:1150 __format__")
+    vision = frame(os.path.dirname(torch.__file__) + "vision/ops.py", 3, "nms")  # torchvision: not torch
+    assert HostSyncRecorder.site(stack[:2] + [vision]).endswith("vision/ops.py:3 nms")
+    assert HostSyncRecorder.site(stack[:1]) == "recipes/sft_rejection.py:10 main"  # no package: the last 2 parts

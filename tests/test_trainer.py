@@ -494,6 +494,14 @@ def test_split_loss_sums_stay_on_the_device_until_the_log_sums_them_over_the_pro
     assert logged["eval_refusal_tokens"] == 2 * ref_n / 2 and logged["eval_normal_tokens"] == 2 * norm_n / 2
     trainer.log({"loss": 1.0})  # nothing kept since: no second reduce, no split losses
     assert len(reduced) == 1 and "eval_loss_refusal" not in trainer.state.log_history[-1]
+    trainer.model.train()  # training micro-batches are kept apart from evaluation ones and logged without a prefix
+    trainer.compute_loss(trainer.model, dict(batches[0]))
+    trainer.model.eval()
+    trainer.log({"loss": 1.0})
+    assert len(reduced) == 1 and "eval_loss_refusal" not in trainer.state.log_history[-1]
+    trainer.model.train()
+    trainer.log({"loss": 1.0})
+    assert len(reduced) == 2 and "loss_refusal" in trainer.state.log_history[-1]
 
 
 def test_batches_move_to_the_device_without_a_host_wait(tmp_path):
@@ -506,3 +514,13 @@ def test_batches_move_to_the_device_without_a_host_wait(tmp_path):
     kept = config(tmp_path, accelerator_config={"non_blocking": False, "even_batches": False})
     assert kept.accelerator_config.non_blocking is False and kept.accelerator_config.even_batches is False
     assert config(tmp_path, accelerator_config={"even_batches": False}).accelerator_config.non_blocking is True
+    # the CLI's JSON string and a JSON file, as transformers reads them, get the default too (or keep their value)
+    path = tmp_path / "accelerator.json"
+    path.write_text('{"even_batches": false}')
+    for given, non_blocking, even in (('{"even_batches": false}', True, False), (str(path), True, False),
+                                      ('{"non_blocking": false}', False, True)):
+        args = config(tmp_path, accelerator_config=given)
+        assert (args.accelerator_config.non_blocking, args.accelerator_config.even_batches) == (non_blocking, even)
+    assert config(tmp_path, dataloader_pin_memory=False).accelerator_config.non_blocking is False  # nothing pinned
+    with pytest.raises(ValueError, match="neither a JSON object nor a readable JSON file"):
+        config(tmp_path, accelerator_config=str(tmp_path / "missing.json"))

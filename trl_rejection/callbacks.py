@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 import traceback
 import warnings
@@ -127,6 +128,14 @@ class StepProfiler(TrainerCallback):
         if self._profiler is not None:  # the run ended before the last profiled step: write the steps it ran
             self._finish(state.global_step)
 
+    def close(self) -> None:
+        """Stop profiling and recording without writing (a run that ended in an error): the sync debug mode and the
+        warning filters are restored."""
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._recording.close()
+            self._profiler = None
+
     def _finish(self, last: int) -> None:
         _sync()
         wall = time.perf_counter() - self._t0
@@ -148,7 +157,7 @@ class StepProfiler(TrainerCallback):
         summary = dict(rank=self.rank, steps=steps, step_s=wall / steps, gpu_busy=busy_fraction(kernels, wall * 1e6),
                        top_gpu_ms_per_step=[(e.key, round(e.self_device_time_total / 1e3 / steps, 3), e.count // steps)
                                             for e in top],
-                       idle_ms_per_step_by_host_op=[(label, round(us / 1e3 / steps, 2), n // steps)
+                       idle_ms_per_step_by_host_op=[(label, round(us / 1e3 / steps, 2), round(n / steps, 2))
                                                     for label, us, n in idle_gaps(kernels, host_ops)[:12]],
                        host_syncs_per_step=[(site, round(n / steps, 2)) for site, n in self._syncs.counts.most_common()])
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,29 +172,41 @@ class StepProfiler(TrainerCallback):
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
               min_gap: float = 50.0) -> list[tuple[str, float, int]]:
     """Where the GPU waited for the host: each gap of at least `min_gap` (same unit as the times, the profiler's
-    microseconds) between the kernels, labelled by what the host was running at the gap's middle, the innermost
-    profiled operator with its outermost one (`"aten::item < aten::_local_scalar_dense"`... as `outer > inner`), or
-    `"(no operator: Python)"`. Returns (label, total gap time, gaps), longest total first. `host_ops` need
-    `name`, `time_range.start` / `.end` and `cpu_parent` (a profiler's `FunctionEvent`s)."""
+    microseconds) between the kernels, labelled by what the host was running at the gap's middle: the innermost
+    profiled operator running then on any thread (the latest started), as `"outermost > innermost"`, or
+    `"(no operator: Python)"`. Returns (label, total gap time, gaps), longest total first. `host_ops` need `name`,
+    `time_range.start` / `.end`, `cpu_parent` and `thread` (a profiler's `FunctionEvent`s, nested per thread)."""
     busy: list[list[float]] = []
     for start, stop in sorted(kernels):
         if busy and start <= busy[-1][1]:
             busy[-1][1] = max(busy[-1][1], stop)
         else:
             busy.append([start, stop])
-    ops = sorted(host_ops, key=lambda e: e.time_range.start)
-    starts = [e.time_range.start for e in ops]
+    threads: dict[Any, list[Any]] = collections.defaultdict(list)
+    for op in host_ops:
+        threads[getattr(op, "thread", 0)].append(op)
+    timelines = []
+    for ops in threads.values():
+        ops.sort(key=lambda e: (e.time_range.start, -e.time_range.end))  # a parent before a child of the same start
+        timelines.append((ops, [e.time_range.start for e in ops]))
     totals: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
     for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
         if gap_end - gap_start < min_gap:
             continue
         middle = (gap_start + gap_end) / 2
-        i = bisect.bisect_right(starts, middle)
-        inner = next((e for e in reversed(ops[max(i - 5000, 0):i]) if e.time_range.end > middle), None)
-        if inner is None:
+        running = []
+        for ops, starts in timelines:
+            i = bisect.bisect_right(starts, middle)
+            op = ops[i - 1] if i else None  # the last op started: running, or one of its ancestors is (nesting)
+            while op is not None and op.time_range.end <= middle:
+                op = op.cpu_parent
+            if op is not None:
+                running.append(op)
+        if not running:
             label = "(no operator: Python)"
         else:
+            inner = max(running, key=lambda e: e.time_range.start)
             outer = inner
             while outer.cpu_parent is not None:
                 outer = outer.cpu_parent
@@ -211,12 +232,14 @@ class HostSyncRecorder:
         cuda = torch.cuda.is_available()
         previous = torch.cuda.get_sync_debug_mode() if cuda else None
         with warnings.catch_warnings():
-            warnings.simplefilter("always")
+            warnings.filterwarnings("always", message=".*" + re.escape(self.MESSAGE))
             shown = warnings.showwarning
 
             def showwarning(message, category, filename, lineno, file=None, line=None):
                 if self.MESSAGE in str(message):
-                    self.counts[self.site(traceback.extract_stack()[:-1])] += 1
+                    stack = traceback.StackSummary.extract(traceback.walk_stack(sys._getframe(1)),
+                                                           lookup_lines=False)  # no source lines: cheaper
+                    self.counts[self.site(stack[::-1])] += 1
                 else:
                     shown(message, category, filename, lineno, file, line)
 
@@ -231,19 +254,22 @@ class HostSyncRecorder:
 
     @staticmethod
     def site(stack: list[traceback.FrameSummary]) -> str:
-        """The innermost frame not in torch (nor in this module), as `path:line function` relative to its package."""
-        torch_dir = os.path.dirname(torch.__file__)
-        own = [f for f in stack if f.filename not in (__file__, warnings.__file__)]
-        outside = [f for f in own if not f.filename.startswith(torch_dir)]
-        frame = (outside or own or stack)[-1]
+        """The innermost frame of `stack` (outermost first) not in torch nor in `warnings`, as `path:line function`
+        relative to its package, with the innermost torch frame it called, if any."""
+        torch_dir = os.path.dirname(torch.__file__) + os.sep
+        own = [f for f in stack if f.filename != warnings.__file__]
+        in_torch = [f.filename.startswith(torch_dir) for f in own]
+        outside = [i for i, t in enumerate(in_torch) if not t]
+        frame = own[outside[-1]] if outside else (own or stack)[-1]
         parts = Path(frame.filename).parts
         package = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] in ("site-packages", "dist-packages")),
                        None)
         short = "/".join(parts[package + 1:] if package is not None else parts[-2:])
         text = f"{short}:{frame.lineno} {frame.name}"
-        inner = [f for f in own if f.filename.startswith(torch_dir)]
-        if outside and inner and own.index(inner[-1]) > own.index(outside[-1]):
-            text += f" -> torch {Path(inner[-1].filename).name}:{inner[-1].lineno} {inner[-1].name}"
+        inner = [i for i, t in enumerate(in_torch) if t]
+        if outside and inner and inner[-1] > outside[-1]:
+            torch_frame = own[inner[-1]]
+            text += f" -> torch {Path(torch_frame.filename).name}:{torch_frame.lineno} {torch_frame.name}"
         return text
 
 

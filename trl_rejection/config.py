@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,6 +12,28 @@ from .constants import DEFAULT_REFUSAL
 from .validation import check_dataclass, check_range, non_empty_strings, non_negative, positive
 
 PROJECTOR_MODULES = ["multi_modal_projector", "mm_projector", "connector", "visual.merger"]
+
+
+def _non_blocking_by_default(accelerator_config: Any) -> Any:
+    """`accelerator_config` with `non_blocking: true` unless it sets the key: None, a dict, a JSON string (the CLI's
+    form) or a JSON file path become a dict; an `AcceleratorConfig` object is kept as it is."""
+    if accelerator_config is None:
+        return {"non_blocking": True}
+    if isinstance(accelerator_config, str):
+        text = accelerator_config
+        try:
+            if text.lstrip().startswith("{"):
+                accelerator_config = json.loads(text)
+            else:
+                with open(text) as f:
+                    accelerator_config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"accelerator_config {text!r} is neither a JSON object nor a readable JSON file ({e}). "
+                             "Fix: give a JSON object such as '{\"non_blocking\": true}', a path to a JSON file, or "
+                             "a YAML mapping.") from None
+    if isinstance(accelerator_config, dict):
+        return {"non_blocking": True, **accelerator_config}
+    return accelerator_config
 
 
 @dataclass
@@ -165,8 +188,8 @@ class RejectionSFTConfig(SFTConfig):
             DeepSpeed.
 
     > [!NOTE]
-    > Batches move to the GPU without making the host wait (`accelerator_config`'s `non_blocking` defaults to True
-    > here, with the trainer's pinned memory); an `accelerator_config` that sets `non_blocking` keeps its value.
+    > Batches move to the GPU without making the host wait: with `dataloader_pin_memory` (the default),
+    > `accelerator_config`'s `non_blocking` defaults to True here; an `accelerator_config` that sets it keeps its value.
 
     > [!NOTE]
     > `train_sampling_strategy="group_by_length"` groups rows by a length estimated without tokenizing (text
@@ -317,10 +340,8 @@ class RejectionSFTConfig(SFTConfig):
     def __post_init__(self) -> None:
         """Check this class's own fields (types and ranges) before `SFTConfig`'s own post-init runs."""
         check_dataclass(self)
-        if self.accelerator_config is None:
-            self.accelerator_config = {"non_blocking": True}
-        elif isinstance(self.accelerator_config, dict):
-            self.accelerator_config = {"non_blocking": True, **self.accelerator_config}
+        if self.dataloader_pin_memory:  # (from pageable memory a copy waits anyway; transformers would warn)
+            self.accelerator_config = _non_blocking_by_default(self.accelerator_config)
         check_range(self, "refusal_sentences", lambda v: v and non_empty_strings(v), "a non-empty list of non-blank "
                     "sentences", f"give at least one sentence, e.g. refusal_sentences: [{DEFAULT_REFUSAL!r}]")
         check_range(self, "projector_modules", non_empty_strings, "a list of non-blank name fragments (a blank one "
