@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 import time
 import traceback
 import warnings
@@ -237,9 +236,9 @@ class HostSyncRecorder:
 
             def showwarning(message, category, filename, lineno, file=None, line=None):
                 if self.MESSAGE in str(message):
-                    stack = traceback.StackSummary.extract(traceback.walk_stack(sys._getframe(1)),
+                    stack = traceback.StackSummary.extract(traceback.walk_stack(None),
                                                            lookup_lines=False)  # no source lines: cheaper
-                    self.counts[self.site(stack[::-1])] += 1
+                    self.counts[self.site(stack[:0:-1])] += 1  # outermost first, without this frame
                 else:
                     shown(message, category, filename, lineno, file, line)
 
