@@ -112,6 +112,7 @@ def prepare() -> None:
     import model_shapes  # noqa: E402  (reads SMALL and MODEL at import)
 
     WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "blocking_batches.json").write_text('{"non_blocking": false}\n')  # fsdp_sync's accelerator_config
     proc = model_shapes.processor()
     t0 = time.perf_counter()
     ds = model_shapes.build_rows(proc, ROWS, seed=0)
@@ -132,7 +133,6 @@ def run_key(name: str) -> str:
 def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
     key = run_key(name)
     cfg, n, bs, accumulation, flags = RUNS[key]
-    (WORK / "blocking_batches.json").write_text('{"non_blocking": false}\n')  # fsdp_sync's accelerator_config
     if SMALL:
         how = (["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"] if n == 1 else
                ["--config_file", str(ROOT / "recipes/accelerate_configs/multi_cpu.yaml")])

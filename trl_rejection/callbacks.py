@@ -85,12 +85,18 @@ def busy_fraction(intervals: list[tuple[float, float]], window: float) -> float 
     """Share of `window` covered by the union of `intervals` (same unit); None without intervals."""
     if not intervals or window <= 0:
         return None
-    covered, end = 0.0, float("-inf")
+    return min(sum(stop - start for start, stop in _union(intervals)) / window, 1.0)
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
+    """The union of `intervals` as disjoint [start, stop] spans, in order."""
+    spans: list[list[float]] = []
     for start, stop in sorted(intervals):
-        if stop > end:
-            covered += stop - max(start, end)
-            end = stop
-    return min(covered / window, 1.0)
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], stop)
+        else:
+            spans.append([start, stop])
+    return spans
 
 
 class StepProfiler(TrainerCallback):
@@ -175,12 +181,7 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
     profiled operator running then on any thread (the latest started), as `"outermost > innermost"`, or
     `"(no operator: Python)"`. Returns (label, total gap time, gaps), longest total first. `host_ops` need `name`,
     `time_range.start` / `.end`, `cpu_parent` and `thread` (a profiler's `FunctionEvent`s, nested per thread)."""
-    busy: list[list[float]] = []
-    for start, stop in sorted(kernels):
-        if busy and start <= busy[-1][1]:
-            busy[-1][1] = max(busy[-1][1], stop)
-        else:
-            busy.append([start, stop])
+    busy = _union(kernels)
     threads: dict[Any, list[Any]] = collections.defaultdict(list)
     for op in host_ops:
         threads[getattr(op, "thread", 0)].append(op)
