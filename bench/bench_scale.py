@@ -48,6 +48,10 @@ resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
 
+GLOBAL=64 (with ROWS >= 64 x steps at `prepare`): every run's global batch (default 32), the accumulation steps scaled
+to match (ref1 16 x 4, the 2-GPU runs 16 x 2 as recipes/configs/llava-1.5-7b.yaml ships for the paper's per-device
+batch; GLOBAL=128 is the paper's global batch).
+
 STEPS=20 (with ROWS=640 at `prepare`): longer runs, for a steadier rate (10 steps time 7 of them; between calls on
 the same machine kind a 2-GPU rate moved by up to 21% in session 23). The cosine schedule then spans 20 steps, so
 compare losses only between runs of one STEPS.
@@ -75,6 +79,9 @@ ROWS = int(os.environ.get("ROWS", "320"))
 WARM = int(os.environ.get("WARM", "3"))
 STEPS = os.environ.get("STEPS")  # optimizer steps a run (the config's 10 if unset); `prepare` needs ROWS >= 32 x STEPS
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
+GLOBAL = int(os.environ.get("GLOBAL", "32"))  # global batch of every run; RUNS' accumulation is given for 32
+if GLOBAL % 32:
+    sys.exit(f"GLOBAL={GLOBAL}: give a multiple of 32 (RUNS' accumulation steps are scaled by GLOBAL / 32)")
 PROFILE = os.environ.get("PROFILE")  # e.g. "5-7": profile those steps (--profile_steps); their timing is then off
 RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation, extra recipe flags)
     "ref1": ("single_gpu", 1, 16, 2, ()), "ref1_b32": ("single_gpu", 1, 32, 1, ()),
@@ -149,7 +156,7 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
            "--config", str(ROOT / "bench/scale_llava7b.yaml"), "--model_name_or_path", str(WORK / "model"),
            "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
            "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
-           "--gradient_accumulation_steps", str(accumulation), *extra, *flags]
+           "--gradient_accumulation_steps", str(accumulation * GLOBAL // 32), *extra, *flags]
     if STEPS:
         cmd += ["--max_steps", STEPS]
     if PROFILE or name.endswith("_prof"):
@@ -202,7 +209,8 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
         f.write(f"\n===== {name} rc={rc} wall={wall:.0f}s\n{' '.join(cmd)}\n{text[-6000:]}\n")
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     cfg, n, bs, accumulation, flags = RUNS[run_key(name)]
-    record = dict(variant=name, config=cfg, processes=n, per_device_batch=bs, accumulation=accumulation, rc=rc,
+    record = dict(variant=name, config=cfg, processes=n, per_device_batch=bs, accumulation=accumulation * GLOBAL // 32,
+                  global_batch=GLOBAL, rc=rc,
                   flags=list(flags), env=RUN_ENV.get(run_key(name), {}), side_by_side=side_by_side,
                   wall_s=round(wall, 1), steps=len(steps), losses=[s["loss"] for s in steps],
                   loss_refusal=[s.get("loss_refusal") for s in steps],
