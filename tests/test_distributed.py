@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
 from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 from trl_rejection.distributed import (ZERO3_DEFAULTS, fsdp_layer_classes, setup_deepspeed_autocast,
                                       setup_fsdp_precision, setup_zero3, sharded_backend, without_zero3)
@@ -168,6 +171,67 @@ def test_fsdp2_with_the_autocast_policy_passes_float32_activations_through_block
         assert seen == {"accelerate": (torch.bfloat16, torch.bfloat16), "ours": (torch.float32, torch.float32)}
     finally:
         dist.destroy_process_group()
+
+
+class _SkipsLast(torch.nn.Sequential):  # its last unit never runs a forward (TRL's fused LM head, an idle tower)
+    def forward(self, x):
+        return self[1](self[0](x))
+
+
+def _accumulation_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from trl_rejection.distributed import gather_fsdp2_units_once
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = _SkipsLast(*(torch.nn.Linear(8, 8) for _ in range(3)))
+    mesh = init_device_mesh("cpu", (2,))
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float64)  # a reduce dtype other than the parameters'
+    for unit in (*model, model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    units = gather_fsdp2_units_once(model)
+    try:
+        for micro_batch in range(2):  # gradient accumulation: no gradient sync in the first micro-batch
+            model.set_requires_gradient_sync(micro_batch == 1)
+            x = torch.arange(32, dtype=torch.float32).view(4, 8).add(rank * 32 + micro_batch * 64).div(100)
+            model(x).square().sum().backward()
+        grads = [p.grad.full_tensor().tolist() if p.grad is not None else None for p in model.parameters()]
+        result = {"units": units, "grads": grads}
+    except AttributeError as error:
+        result = {"units": units, "error": str(error)}
+    dist.destroy_process_group()
+    Path(f"{out}.{rank}").write_text(json.dumps(result))
+
+
+def test_fsdp2_gradient_accumulation_with_a_unit_whose_forward_never_runs(tmp_path):
+    """Two gloo processes, FSDP2 with a reduce dtype and gradient accumulation (no sync in the first micro-batch), one
+    unit never running a forward: torch fails in the unsynced backward (pytorch/pytorch#194058) unless
+    `gather_fsdp2_units_once` all-gathered every unit first (what the trainer does before its first step). The
+    gradients then equal one process's over both micro-batches of both ranks."""
+    import torch.multiprocessing as mp
+
+    from trl_rejection.distributed import gather_fsdp2_units_once
+
+    assert gather_fsdp2_units_once(torch.nn.Linear(2, 2)) == 0  # not sharded: nothing to do
+    mp.spawn(_accumulation_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    results = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    torch.manual_seed(0)
+    reference = _SkipsLast(*(torch.nn.Linear(8, 8) for _ in range(3))).double()
+    for rank in range(2):
+        for micro_batch in range(2):
+            x = torch.arange(32, dtype=torch.float64).view(4, 8).add(rank * 32 + micro_batch * 64).div(100)
+            reference(x).square().sum().backward()
+    expected = [p.grad.div(2).tolist() if p.grad is not None else None for p in reference.parameters()]
+    for result in results:
+        assert result["units"] == 4 and "error" not in result, result
+        assert [g is None for g in result["grads"]] == [False] * 4 + [True] * 2
+        for got, want in zip(result["grads"], expected):
+            if want is not None:
+                torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                           rtol=1e-5, atol=1e-6)
 
 
 def _minimum_worker(rank: int, store: str, out: str) -> None:

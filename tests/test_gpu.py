@@ -144,15 +144,17 @@ def _needs(config: str) -> None:
 @pytest.mark.parametrize("config", ["multi_gpu", "fsdp", "zero2", "zero3"])
 def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, config):
     """The recipe's tiny default (fp32 weights, bf16 autocast, padding-free) on 2 GPUs through each shipped config,
-    `--merge_adapter --push_to_hub`: the merged model is pushed once, by the main process, and is whole (no LoRA,
-    nothing missing), loads on one device, differs from the base where LoRA was merged and equals it where nothing
-    trained (vision tower)."""
+    with gradient accumulation 2 as the paper's configs ship (FSDP2 failed there on a unit never all-gathered: the LM
+    head under TRL's fused loss), `--merge_adapter --push_to_hub`: the merged model is pushed once, by the main
+    process, and is whole (no LoRA, nothing missing), loads on one device, differs from the base where LoRA was merged
+    and equals it where nothing trained (vision tower)."""
     _needs(config)
     from transformers import LlavaForConditionalGeneration
 
     from trl_rejection.testing.tiny import make_model, make_processor
 
-    out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--merge_adapter", "true",
+    out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--gradient_accumulation_steps", "2",
+                 "--merge_adapter", "true",
                  "--mix", SMALL_MIX, "--save_strategy", "no", "--push_to_hub", "true", "--hub_model_id", "me/merged",
                  fake_hub=tmp_path / "hub").stdout
     assert "Optimizer steps: 6." in out and "| bundled | all |" in out

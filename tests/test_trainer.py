@@ -440,6 +440,21 @@ def test_the_forward_runs_under_autocast_where_the_fsdp2_policy_is_set(tmp_path,
     assert len(norms) > 2 and seen == {(True, half is not None, half), (False, half is not None, half)}
 
 
+def test_the_first_training_step_gathers_every_fsdp2_unit_once(tmp_path, monkeypatch):
+    """Before its first micro-batch the trainer hands the model it trains to `gather_fsdp2_units_once` (torch's FSDP2
+    fails under gradient accumulation on a unit never all-gathered; tests/test_distributed.py), once per trainer,
+    not at every micro-batch."""
+    from trl_rejection import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed, "gather_fsdp2_units_once", lambda model: seen.append(model) or 0)
+    proc = make_processor("llava-1.5")
+    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, max_steps=2),
+                                  train_dataset=mix(), processing_class=proc)
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(seen) == 1 and seen[0] is trainer.model_wrapped
+
+
 def test_split_loss_sums_stay_on_the_device_until_the_log_sums_them_over_the_processes(tmp_path, monkeypatch):
     """Each micro-batch adds its refusal / normal sums to tensors (no `.item()` / `.tolist()`: on a GPU those make
     the host wait every micro-batch); `log` sums them over the processes once (`accelerator.reduce`) and logs the

@@ -89,6 +89,25 @@ def setup_fsdp_precision(accelerator: Any, enabled: bool = True) -> Any:
     return plugin.mixed_precision_policy
 
 
+def gather_fsdp2_units_once(model: torch.nn.Module) -> int:
+    """All-gather every FSDP2 unit of `model` once and free it again (`FSDPModule.unshard` / `reshard`), so that
+    every sharded parameter has its unsharded buffer before the first backward. Returns the number of units (0 when
+    `model` is not sharded with FSDP2).
+
+    torch's FSDP2 (2.11 to 2.13 at least; pytorch/pytorch#194058) fails in the backward of a micro-batch without
+    gradient sync (gradient accumulation: accelerate turns the sync off for all but the last micro-batch) with
+    `AttributeError: 'FSDPParam' object has no attribute '_unsharded_param'` when a unit has never been all-gathered:
+    one whose forward did not run, such as the LM head under TRL's fused loss (it reads the weight, not the module)
+    or a vision tower on a text-only batch. One all-gather of the weights at the start avoids it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.reshard()
+    return len(units)
+
+
 @contextlib.contextmanager
 def fsdp2_block_policy(accelerator: Any) -> Iterator[None]:
     """While `Trainer.train` prepares an FSDP2 model, keep the block wrap policy set by `setup_fsdp_wrapping`.
