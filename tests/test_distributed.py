@@ -52,31 +52,6 @@ def test_zero3_setup_does_nothing_without_zero3_or_when_leaves_are_off(monkeypat
     assert "leaf_modules" not in applied and applied["overlap_comm"] is True
 
 
-def test_zero3_keeps_the_lora_factors_whole_and_the_frozen_matrices_partitioned():
-    """`persistent_lora`: with LoRA, `stage3_param_persistence_threshold` is the largest trainable parameter inside a
-    block (DeepSpeed keeps parameters of numel <= it whole), below every frozen linear weight of the language model's
-    blocks, which stay partitioned; not set for full fine-tuning (every block parameter would stay whole), with the
-    option off, or where the user's config sets it."""
-    from peft import LoraConfig, get_peft_model
-
-    model = make_model("llava-1.5", make_processor("llava-1.5"))
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    zero = setup_zero3(_accelerator(3, {}), lora, leaf_modules=False)["stage3_param_persistence_threshold"]
-    factors = [p.numel() for n, p in lora.named_parameters() if "lora_" in n]
-    frozen = [p.numel() for n, p in lora.named_parameters()
-              if ".layers." in n and "language_model" in n and n.endswith("proj.base_layer.weight")]
-    assert factors and frozen and zero == max(factors) < min(frozen)
-    for setup in (lambda acc: setup_zero3(acc, lora, leaf_modules=False, persistent_lora=False),
-                  lambda acc: setup_zero3(acc, make_model("llava-1.5", make_processor("llava-1.5")), leaf_modules=False)):
-        acc = _accelerator(3, {})
-        assert "stage3_param_persistence_threshold" not in setup(acc)
-        assert "stage3_param_persistence_threshold" not in acc.state.deepspeed_plugin.deepspeed_config[
-            "zero_optimization"]
-    acc = _accelerator(3, {"stage3_param_persistence_threshold": 123})
-    assert "stage3_param_persistence_threshold" not in setup_zero3(acc, lora, leaf_modules=False)
-    assert acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] == 123
-
-
 def test_without_zero3_lets_one_process_generate_alone(monkeypatch):
     """Under ZeRO-3, `generate` syncs every step with the other processes (`synced_gpus` defaults to
     `is_deepspeed_zero3_enabled()`); the recipe evaluates on the main process alone inside `without_zero3`, where

@@ -170,12 +170,6 @@ class RejectionSFTConfig(SFTConfig):
             Under DeepSpeed ZeRO-3, gather each transformer block's weights at once (the blocks marked as ZeRO-3 leaf
             modules, with a two-block prefetch) instead of each linear layer and LoRA factor on its own. No effect
             without ZeRO-3.
-        zero3_persistent_lora (`bool`, *optional*, defaults to `True`):
-            Under DeepSpeed ZeRO-3 with adapters (the blocks' largest trainable parameter smaller than their largest
-            frozen one), keep parameters up to the size of the largest trainable one inside a transformer block (the
-            LoRA factors, norms and biases) whole on every GPU (`stage3_param_persistence_threshold`, unless the
-            DeepSpeed config sets it): DeepSpeed then gathers and releases only the large frozen matrices at each
-            block. Costs about the LoRA weights' size in memory on each GPU. No effect without ZeRO-3.
         fsdp_autocast_precision (`bool`, *optional*, defaults to `True`):
             Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU: parameters are still
             gathered and multiplied in half precision, but the forward runs under `torch.autocast` (accelerate applies
@@ -326,12 +320,6 @@ class RejectionSFTConfig(SFTConfig):
         "help": "Under DeepSpeed ZeRO-3, gather each transformer block's weights at once (the blocks marked as ZeRO-3 "
         "leaf modules, with a two-block prefetch) instead of each linear layer and LoRA factor on its own. No "
         "effect without ZeRO-3."})
-    zero3_persistent_lora: bool = field(default=True, metadata={
-        "help": "Under DeepSpeed ZeRO-3 with adapters (the blocks' largest trainable parameter smaller than their "
-        "largest frozen one), keep parameters up to the size of the largest trainable one inside a transformer block "
-        "(the LoRA factors, norms and biases) whole on every GPU (`stage3_param_persistence_threshold`, unless the "
-        "DeepSpeed config sets it): DeepSpeed then gathers and releases only the large frozen matrices at each "
-        "block. Costs about the LoRA weights' size in memory on each GPU. No effect without ZeRO-3."})
     fsdp_autocast_precision: bool = field(default=True, metadata={
         "help": "Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU: parameters are still "
         "gathered and multiplied in half precision, but the forward runs under `torch.autocast` (accelerate applies "

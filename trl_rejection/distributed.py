@@ -149,30 +149,20 @@ def _zero3_configs(accelerator: Any) -> list[dict]:
     return configs
 
 
-def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = True,
-                persistent_lora: bool = True) -> dict[str, Any] | None:
+def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = True) -> dict[str, Any] | None:
     """Under ZeRO-3, fetch whole blocks instead of every linear layer (and LoRA factor) on its own.
 
     Marks the model's blocks (`fsdp_layer_classes`) as ZeRO-3 leaf modules (`deepspeed.utils.set_z3_leaf_modules`):
     DeepSpeed then hooks, gathers and releases one block at a time, not each of its ~20 sub-modules, and prefetches
-    the next block. With `persistent_lora`, where the blocks' largest trainable parameter is smaller than their
-    largest frozen one (adapters, not full fine-tuning), parameters up to its size (the LoRA factors, with the norms
-    and biases) stay whole on every process (`stage3_param_persistence_threshold`):
-    DeepSpeed's per-parameter gather and release work, done in Python for each block in the forward, the recompute
-    and the backward, then covers only the large frozen matrices. Fills those two settings and `ZERO3_DEFAULTS` where
-    the user's config leaves them out or "auto". Returns the settings applied, None without ZeRO-3. Call before
-    `Trainer.train`."""
+    the next block. Fills `stage3_prefetch_bucket_size` (two blocks) and `ZERO3_DEFAULTS` where the user's config
+    leaves them out or "auto". Returns the settings applied, None without ZeRO-3. Call before `Trainer.train`."""
     configs = _zero3_configs(accelerator)
     if not configs:
         return None
     names = fsdp_layer_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    block_numel = max((sum(_numel(p) for p in m.parameters()) for m in blocks), default=0)
+    block_numel = max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in blocks), default=0)
     wanted = {**ZERO3_DEFAULTS, "stage3_prefetch_bucket_size": int(2 * block_numel) or "auto"}
-    trained = max((_numel(p) for m in blocks for p in m.parameters() if p.requires_grad), default=0)
-    frozen = max((_numel(p) for m in blocks for p in m.parameters() if not p.requires_grad), default=0)
-    if persistent_lora and 0 < trained < frozen:  # adapters: the blocks' large frozen matrices stay partitioned
-        wanted["stage3_param_persistence_threshold"] = trained  # DeepSpeed keeps parameters of numel <= it whole
     applied: dict[str, Any] = {}
     for config in configs:
         zero = config.setdefault("zero_optimization", {})
@@ -186,11 +176,6 @@ def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = T
         applied["leaf_modules"] = names
     logger.info("ZeRO-3 settings: %s", applied)
     return applied
-
-
-def _numel(param: torch.nn.Parameter) -> int:
-    """A parameter's full size, also once ZeRO-3 partitioned it (then `numel()` is 0)."""
-    return getattr(param, "ds_numel", param.numel())
 
 
 def setup_deepspeed_autocast(accelerator: Any, model: torch.nn.Module, half: torch.dtype | None,

@@ -214,8 +214,7 @@ class RejectionSFTTrainer(SFTTrainer):
         policy = distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         # accelerate autocasts the model's forward in every setup but FSDP2, where it applies only the policy
         self._forward_autocast_dtype = policy.param_dtype if policy is not None else None
-        distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules,
-                                persistent_lora=args.zero3_persistent_lora)
+        distributed.setup_zero3(self.accelerator, self.model, leaf_modules=args.zero3_leaf_modules)
         half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         distributed.setup_deepspeed_autocast(self.accelerator, self.model, half, args.deepspeed_autocast)
         hooked = skip_frozen_vision_backward(self.model, args.projector_modules, args.skip_frozen_vision_backward)
