@@ -230,8 +230,8 @@ def test_fsdp2_gradient_accumulation_with_a_unit_whose_forward_never_runs(tmp_pa
         assert [g is None for g in result["grads"]] == [False] * 4 + [True] * 2
         for got, want in zip(result["grads"], expected):
             if want is not None:
-                torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                           torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
 def _minimum_worker(rank: int, store: str, out: str) -> None:
