@@ -57,6 +57,23 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     assert (tmp_path / "late" / "rank0.txt").read_text().startswith("steps 3-4,")
 
 
+def test_a_failed_write_leaves_the_profiler_stopped_for_close(tmp_path, monkeypatch):
+    """If writing the tables fails, the profiler and the sync recording are stopped all the same, and the recipe's
+    `close` (in its `finally`) then has nothing left to stop: it neither fails nor stops them a second time."""
+    from types import SimpleNamespace
+
+    profiler = StepProfiler(1, 1, tmp_path / "profile", rank=0)
+    profiler.on_step_begin(None, SimpleNamespace(global_step=0), None)
+    stops = []
+    real_stop = profiler._stop
+    monkeypatch.setattr(profiler, "_stop", lambda: stops.append(1) or real_stop())
+    monkeypatch.setattr(profiler, "_write", lambda wall, last: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        profiler.on_step_end(None, SimpleNamespace(global_step=1), None)
+    profiler.close()
+    assert stops == [1] and not (tmp_path / "profile").exists()
+
+
 def _reads_the_gpu():
     """Stands for an op that makes the host wait (on CUDA, `set_sync_debug_mode("warn")` warns from inside it)."""
     warnings.warn("an op " + HostSyncRecorder.MESSAGE, UserWarning)

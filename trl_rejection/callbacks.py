@@ -137,17 +137,21 @@ class StepProfiler(TrainerCallback):
         """Stop profiling and recording without writing (a run that ended in an error): the sync debug mode and the
         warning filters are restored."""
         if self._profiler is not None:
-            self._profiler.stop()
-            self._recording.close()
+            self._stop()
             self._profiler = None
 
     def _finish(self, last: int) -> None:
         _sync()
         wall = time.perf_counter() - self._t0
+        self._stop()
+        try:
+            self._write(wall, last)
+        finally:  # written or not, the profiler is done (`close` must not stop it again)
+            self._profiler = None
+
+    def _stop(self) -> None:
         self._profiler.stop()
         self._recording.close()
-        self._write(wall, last)
-        self._profiler = None
 
     def _write(self, wall: float, last: int) -> None:
         from torch.autograd import DeviceType
