@@ -16,7 +16,7 @@ appends one JSON line per run to $OUT/bench_scale.jsonl: per-step loss / loss_re
 over steps WARM+1..10 (the trainer's non-padding input tokens of all processes; step ends after a device sync), peak
 allocated GiB of each GPU, and whether the run saw the same batches as `ref1`. Then a Markdown table against `ref1`.
 
-Runs (global batch 32 each):
+Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
     ref1      1 GPU (single_gpu.yaml), batch 16 x 2 accumulation steps: the reference
     ref1_b32  1 GPU, batch 32 x 1: the same global batch and data, summed differently (the bf16 noise floor)
     ref1_rep, ref1_rep2, ref1_rep3   ref1 again (run-to-run spread: the noise floor)
@@ -48,13 +48,13 @@ resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
 
-GLOBAL=64 (with ROWS >= 64 x steps at `prepare`): every run's global batch (default 32), the accumulation steps scaled
-to match (ref1 16 x 4, the 2-GPU runs 16 x 2 as recipes/configs/llava-1.5-7b.yaml ships for the paper's per-device
-batch; GLOBAL=128 is the paper's global batch).
+GLOBAL=64 (with ROWS >= GLOBAL x steps at `prepare`; `run` checks): every run's global batch (default 32), the
+accumulation steps scaled to match (ref1 16 x 4, the 2-GPU runs 16 x 2 as recipes/configs/llava-1.5-7b.yaml ships
+for the paper's per-device batch; GLOBAL=128 is the paper's global batch).
 
-STEPS=20 (with ROWS=640 at `prepare`): longer runs, for a steadier rate (10 steps time 7 of them; between calls on
-the same machine kind a 2-GPU rate moved by up to 21% in session 23). The cosine schedule then spans 20 steps, so
-compare losses only between runs of one STEPS.
+STEPS=20 (with ROWS >= GLOBAL x 20 at `prepare`): longer runs, for a steadier rate (10 steps time 7 of them;
+between calls on the same machine kind a 2-GPU rate moved by up to 21% in session 23). The cosine schedule then
+spans 20 steps, so compare losses only between runs of one STEPS.
 
 SMALL=1: a CPU dry run of the harness (tiny model, gloo processes, `multi_cpu.yaml` for every 2-process config).
 """
@@ -77,11 +77,11 @@ OUT = Path(os.environ.get("OUT", "/tmp"))
 SMALL = os.environ.get("SMALL") == "1"
 ROWS = int(os.environ.get("ROWS", "320"))
 WARM = int(os.environ.get("WARM", "3"))
-STEPS = os.environ.get("STEPS")  # optimizer steps a run (the config's 10 if unset); `prepare` needs ROWS >= 32 x STEPS
+STEPS = os.environ.get("STEPS")  # optimizer steps a run (the config's 10 if unset); needs ROWS >= GLOBAL x STEPS
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
 GLOBAL = int(os.environ.get("GLOBAL", "32"))  # global batch of every run; RUNS' accumulation is given for 32
-if GLOBAL % 32:
-    sys.exit(f"GLOBAL={GLOBAL}: give a multiple of 32 (RUNS' accumulation steps are scaled by GLOBAL / 32)")
+if GLOBAL <= 0 or GLOBAL % 32:
+    sys.exit(f"GLOBAL={GLOBAL}: give a positive multiple of 32 (RUNS' accumulation steps are scaled by GLOBAL / 32)")
 PROFILE = os.environ.get("PROFILE")  # e.g. "5-7": profile those steps (--profile_steps); their timing is then off
 RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation, extra recipe flags)
     "ref1": ("single_gpu", 1, 16, 2, ()), "ref1_b32": ("single_gpu", 1, 32, 1, ()),
@@ -209,8 +209,10 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
         f.write(f"\n===== {name} rc={rc} wall={wall:.0f}s\n{' '.join(cmd)}\n{text[-6000:]}\n")
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     cfg, n, bs, accumulation, flags = RUNS[run_key(name)]
-    record = dict(variant=name, config=cfg, processes=n, per_device_batch=bs, accumulation=accumulation * GLOBAL // 32,
-                  global_batch=GLOBAL, rc=rc,
+    device_batch = bs // 4 if SMALL else bs  # SMALL runs a quarter of the batch (launch_cmd)
+    record = dict(variant=name, config=cfg, processes=n, per_device_batch=device_batch,
+                  accumulation=accumulation * GLOBAL // 32, global_batch=device_batch * n * accumulation * GLOBAL // 32,
+                  rc=rc,
                   flags=list(flags), env=RUN_ENV.get(run_key(name), {}), side_by_side=side_by_side,
                   wall_s=round(wall, 1), steps=len(steps), losses=[s["loss"] for s in steps],
                   loss_refusal=[s.get("loss_refusal") for s in steps],
@@ -268,6 +270,12 @@ def main() -> None:
     if what == "prepare":
         prepare()
         return
+    from datasets import load_from_disk
+
+    rows, steps = load_from_disk(str(WORK / "data")).num_rows, int(STEPS or 10)
+    if rows < GLOBAL * steps:  # a second epoch would reshuffle: the runs would no longer see one pass of the data
+        sys.exit(f"{rows} prepared rows < GLOBAL x steps = {GLOBAL} x {steps}: "
+                 f"run `prepare` with ROWS={GLOBAL * steps}")
     records = [r for group in os.environ.get("RUNS", "ref1,ddp,fsdp,zero3").split(",") if group
                for r in run_group(group)]
     table(records)

@@ -193,15 +193,16 @@ def _accumulation_worker(rank: int, store: str, out: str) -> None:
     for unit in (*model, model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     units = gather_fsdp2_units_once(model)
+    sharded = all(p.to_local().numel() == p.numel() // 2 for p in model.parameters())  # freed again, not kept whole
     try:
         for micro_batch in range(2):  # gradient accumulation: no gradient sync in the first micro-batch
             model.set_requires_gradient_sync(micro_batch == 1)
             x = torch.arange(32, dtype=torch.float32).view(4, 8).add(rank * 32 + micro_batch * 64).div(100)
             model(x).square().sum().backward()
         grads = [p.grad.full_tensor().tolist() if p.grad is not None else None for p in model.parameters()]
-        result = {"units": units, "grads": grads}
+        result = {"units": units, "sharded": sharded, "grads": grads}
     except AttributeError as error:
-        result = {"units": units, "error": str(error)}
+        result = {"units": units, "sharded": sharded, "error": str(error)}
     dist.destroy_process_group()
     Path(f"{out}.{rank}").write_text(json.dumps(result))
 
@@ -209,8 +210,8 @@ def _accumulation_worker(rank: int, store: str, out: str) -> None:
 def test_fsdp2_gradient_accumulation_with_a_unit_whose_forward_never_runs(tmp_path):
     """Two gloo processes, FSDP2 with a reduce dtype and gradient accumulation (no sync in the first micro-batch), one
     unit never running a forward: torch fails in the unsynced backward (pytorch/pytorch#194058) unless
-    `gather_fsdp2_units_once` all-gathered every unit first (what the trainer does before its first step). The
-    gradients then equal one process's over both micro-batches of both ranks."""
+    `gather_fsdp2_units_once` all-gathered every unit first (what the trainer does before its first step) and freed
+    it again. The gradients then equal one process's over both micro-batches of both ranks."""
     import torch.multiprocessing as mp
 
     from trl_rejection.distributed import gather_fsdp2_units_once
@@ -226,7 +227,7 @@ def test_fsdp2_gradient_accumulation_with_a_unit_whose_forward_never_runs(tmp_pa
             reference(x).square().sum().backward()
     expected = [p.grad.div(2).tolist() if p.grad is not None else None for p in reference.parameters()]
     for result in results:
-        assert result["units"] == 4 and "error" not in result, result
+        assert result["units"] == 4 and result["sharded"] and "error" not in result, result
         assert [g is None for g in result["grads"]] == [False] * 4 + [True] * 2
         for got, want in zip(result["grads"], expected):
             if want is not None:

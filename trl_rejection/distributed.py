@@ -91,14 +91,17 @@ def setup_fsdp_precision(accelerator: Any, enabled: bool = True) -> Any:
 
 def gather_fsdp2_units_once(model: torch.nn.Module) -> int:
     """All-gather every FSDP2 unit of `model` once and free it again (`FSDPModule.unshard` / `reshard`), so that
-    every sharded parameter has its unsharded buffer before the first backward. Returns the number of units (0 when
-    `model` is not sharded with FSDP2).
+    FSDP2 has created every parameter's unsharded parameter object (its memory is freed again) before the first
+    backward. Returns the number of FSDP2 modules (each member of a unit sharded as a group counts, and gathers it
+    again; 0 when `model` is not sharded with FSDP2).
 
-    torch's FSDP2 (2.11 to 2.13 at least; pytorch/pytorch#194058) fails in the backward of a micro-batch without
-    gradient sync (gradient accumulation: accelerate turns the sync off for all but the last micro-batch) with
-    `AttributeError: 'FSDPParam' object has no attribute '_unsharded_param'` when a unit has never been all-gathered:
-    one whose forward did not run, such as the LM head under TRL's fused loss (it reads the weight, not the module)
-    or a vision tower on a text-only batch. One all-gather of the weights at the start avoids it."""
+    torch's FSDP2 (2.11 to 2.13 at least; the fix is pull request pytorch/pytorch#194058) fails in the backward of a
+    micro-batch without gradient sync (gradient accumulation: accelerate turns the sync off for all but the last
+    micro-batch) with `AttributeError: 'FSDPParam' object has no attribute '_unsharded_param'`, when the gradients are
+    reduced in another dtype than the parameters' (`setup_fsdp_precision`'s policy: float32) and a unit has never
+    been all-gathered: one whose forward did not run, such as the LM head under TRL's fused loss (it reads the
+    weight, not the module) or a vision tower on a text-only batch. One all-gather of each unit at the start avoids
+    it."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
