@@ -133,6 +133,11 @@ def prepare() -> None:
              params=sum(p.numel() for p in model.parameters()), dtype=str(next(model.parameters()).dtype)))
 
 
+def scaled(accumulation: int) -> int:
+    """A run's accumulation steps at the global batch GLOBAL (RUNS gives them for 32)."""
+    return accumulation * GLOBAL // 32
+
+
 def run_key(name: str) -> str:
     return name.removesuffix("_prof").removesuffix("_ckpt").removesuffix("_resume")
 
@@ -156,7 +161,7 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
            "--config", str(ROOT / "bench/scale_llava7b.yaml"), "--model_name_or_path", str(WORK / "model"),
            "--dataset_path", str(WORK / "data"), "--output_dir", str(out),
            "--metrics_file", str(WORK / "out" / f"{name}.metrics.jsonl"), "--record_data_order", "true",
-           "--gradient_accumulation_steps", str(accumulation * GLOBAL // 32), *extra, *flags]
+           "--gradient_accumulation_steps", str(scaled(accumulation)), *extra, *flags]
     if STEPS:
         cmd += ["--max_steps", STEPS]
     if PROFILE or name.endswith("_prof"):
@@ -211,8 +216,7 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
     cfg, n, bs, accumulation, flags = RUNS[run_key(name)]
     device_batch = bs // 4 if SMALL else bs  # SMALL runs a quarter of the batch (launch_cmd)
     record = dict(variant=name, config=cfg, processes=n, per_device_batch=device_batch,
-                  accumulation=accumulation * GLOBAL // 32, global_batch=device_batch * n * accumulation * GLOBAL // 32,
-                  rc=rc,
+                  accumulation=scaled(accumulation), global_batch=device_batch * n * scaled(accumulation), rc=rc,
                   flags=list(flags), env=RUN_ENV.get(run_key(name), {}), side_by_side=side_by_side,
                   wall_s=round(wall, 1), steps=len(steps), losses=[s["loss"] for s in steps],
                   loss_refusal=[s.get("loss_refusal") for s in steps],

@@ -154,9 +154,8 @@ def test_two_gpus_train_merge_and_evaluate_with_each_shipped_config(tmp_path, co
     from trl_rejection.testing.tiny import make_model, make_processor
 
     out = launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "6", "--gradient_accumulation_steps", "2",
-                 "--merge_adapter", "true",
-                 "--mix", SMALL_MIX, "--save_strategy", "no", "--push_to_hub", "true", "--hub_model_id", "me/merged",
-                 fake_hub=tmp_path / "hub").stdout
+                 "--merge_adapter", "true", "--mix", SMALL_MIX, "--save_strategy", "no", "--push_to_hub", "true",
+                 "--hub_model_id", "me/merged", fake_hub=tmp_path / "hub").stdout
     assert "Optimizer steps: 6." in out and "| bundled | all |" in out
     assert (tmp_path / "hub" / "me--merged.rank").read_text() == "0"  # one upload, from the main process
     final = tmp_path / "hub" / "me--merged"
