@@ -34,6 +34,9 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
     fsdp_sync       fsdp with blocking batch copies (accelerate's non_blocking false, the default before session 23)
                     and --logging_nan_inf_filter true (Trainer's NaN/inf check of each micro-batch loss)
     fsdp_nosync     fsdp with --logging_nan_inf_filter false (neither host sync)
+    fsdp_vis        fsdp launched with --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer (the frozen vision tower
+                    is not sharded block by block: it joins the root unit, gathered once a micro-batch)
+    fsdp_keepvis    fsdp_keep and fsdp_vis together
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
@@ -43,7 +46,9 @@ Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for the
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
 resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's);
-`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory.
+`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory; `_spy` (outermost)
+samples every process's Python stacks with py-spy (200 Hz, not pausing them) into $OUT/<run>.pyspy.txt (collapsed
+stacks; `bench/pyspy_summary.py` sums them by function).
 
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
@@ -101,8 +106,14 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "fsdp_sync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "true", "--accelerator_config",
                                       str(WORK / "blocking_batches.json"))),
     "fsdp_nosync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "false")),
+    "fsdp_vis": ("fsdp", 2, 16, 1, ()), "fsdp_keepvis": ("fsdp", 2, 16, 1, ()),
 }
-LAUNCH_FLAGS = {"fsdp_keep": ["--fsdp_reshard_after_forward", "false"]}  # accelerate launch options of a run
+LAUNCH_FLAGS = {  # accelerate launch options of a run
+    "fsdp_keep": ["--fsdp_reshard_after_forward", "false"],
+    "fsdp_vis": ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"],
+    "fsdp_keepvis": ["--fsdp_reshard_after_forward", "false", "--fsdp_transformer_layer_cls_to_wrap",
+                     "LlamaDecoderLayer"],
+}
 RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"}}  # environment of a run
 
 
@@ -138,8 +149,13 @@ def scaled(accumulation: int) -> int:
     return accumulation * GLOBAL // 32
 
 
+SUFFIXES = ("_spy", "_prof", "_ckpt", "_resume")  # a run's variants (module docstring); "_spy" goes outermost
+
+
 def run_key(name: str) -> str:
-    return name.removesuffix("_prof").removesuffix("_ckpt").removesuffix("_resume")
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
 
 
 def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
@@ -171,6 +187,9 @@ def launch_cmd(name: str, gpu: int | None = None) -> list[str]:
     if name.endswith("_resume"):
         cmd += ["--save_strategy", "steps", "--save_steps", "5", "--resume_from_checkpoint",
                 str(out / "checkpoint-5")]
+    if name.endswith("_spy"):  # sample every process's Python stacks (py-spy, carried as a wheel)
+        cmd = [os.environ.get("PYSPY", "py-spy"), "record", "--subprocesses", "--nonblocking", "--rate", "200",
+               "--format", "raw", "--output", str(OUT / f"{name}.pyspy.txt"), "--", *cmd]
     return cmd
 
 

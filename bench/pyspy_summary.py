@@ -1,0 +1,73 @@
+"""Sum py-spy's collapsed stacks (`py-spy record --format raw`, as `bench_scale.py`'s `_spy` runs write) by function.
+
+    python bench/pyspy_summary.py OUT/zero3_spy.pyspy.txt [--within training_step] [--top 40]
+
+For each sampled process whose stacks pass through `--within` (a function or method name; default `training_step`: the
+trainer's micro-batches), prints the samples inside it, then the functions by inclusive share (on the stack) and by
+self share (the innermost Python frame) of those samples. py-spy records only Python frames: time in a C call shows
+as the Python line that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]+)(?::\d+)?\)$")
+
+
+def function(frame: str) -> str:
+    """`func (path/to/file.py:123)` as `func (file.py)`; other frames (process, thread) as they are."""
+    match = FRAME.match(frame.strip())
+    return f"{match['func']} ({Path(match['file']).name})" if match else frame.strip()
+
+
+def is_within(frame: str, name: str) -> bool:
+    """Whether a frame is a call of function `name` (or of a method of that name: `Class.name`)."""
+    match = FRAME.match(frame.strip())
+    return bool(match) and (match["func"] == name or match["func"].endswith("." + name))
+
+
+def summarise(path: Path, within: str, top: int) -> None:
+    per_process: dict[str, list[tuple[list[str], int]]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        processes = [f for f in frames if f.startswith("process ")]  # --subprocesses: launcher;...;worker
+        per_process[processes[-1] if processes else "process"].append((frames, int(count)))
+    for process, stacks in sorted(per_process.items()):
+        inside = [(frames, n) for frames, n in stacks if any(is_within(f, within) for f in frames)]
+        total = sum(n for _, n in inside)
+        if not total:
+            continue
+        inclusive, own = Counter(), Counter()
+        for frames, n in inside:
+            first = next(i for i, f in enumerate(frames) if is_within(f, within))
+            names = [function(f) for f in frames[first:]]  # the frames from `within` inwards
+            for name in set(names):
+                inclusive[name] += n
+            own[names[-1]] += n
+        print(f"\n## {process[:120]}\n{total} samples inside {within} (of {sum(n for _, n in stacks)})\n")
+        print("| inclusive | self | function |\n|---|---|---|")
+        for name, n in inclusive.most_common(top):
+            print(f"| {100 * n / total:.1f}% | {100 * own[name] / total:.1f}% | {name} |")
+        print("\n| self | function |\n|---|---|")
+        for name, n in own.most_common(top // 2):
+            print(f"| {100 * n / total:.1f}% | {name} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--within", default="training_step")
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    summarise(args.path, args.within, args.top)
+
+
+if __name__ == "__main__":
+    main()
