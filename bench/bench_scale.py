@@ -28,7 +28,6 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
     ddp_nofind      ddp with --ddp_find_unused_parameters false
     ddp_unbalanced  ddp with --balance_micro_batches false (each GPU's 16 rows as a plain shuffle splits them)
     zero3_noleaf    zero3 with --zero3_leaf_modules false (DeepSpeed fetches every linear layer on its own)
-    zero3_slowleaf  zero3 with --zero3_fast_leaf_sharding false (DeepSpeed's default fetch path for the leaf blocks)
     fsdp_keep       fsdp launched with --fsdp_reshard_after_forward false (blocks stay gathered from forward to backward)
     fsdp_simple, zero3_simple   fsdp / zero3 with NCCL_PROTO=Simple (NCCL picks its low-latency protocol, LL, for
                     the sharded configs' all-gathers on 2 GPUs)
@@ -100,7 +99,6 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "ddp_nofind": ("multi_gpu", 2, 16, 1, ("--ddp_find_unused_parameters", "false")),
     "ddp_unbalanced": ("multi_gpu", 2, 16, 1, ("--balance_micro_batches", "false")),
     "zero3_noleaf": ("zero3", 2, 16, 1, ("--zero3_leaf_modules", "false")),
-    "zero3_slowleaf": ("zero3", 2, 16, 1, ("--zero3_fast_leaf_sharding", "false")),
     "qlora": ("single_gpu", 1, 4, 8, ("--load_in_4bit", "true")), "ref1_b4": ("single_gpu", 1, 4, 8, ()),
     "fsdp_keep": ("fsdp", 2, 16, 1, ()),
     "fsdp_accel": ("fsdp", 2, 16, 1, ("--fsdp_autocast_precision", "false")),

@@ -170,11 +170,6 @@ class RejectionSFTConfig(SFTConfig):
             Under DeepSpeed ZeRO-3, gather each transformer block's weights at once (the blocks marked as ZeRO-3 leaf
             modules, with a two-block prefetch) instead of each linear layer and LoRA factor on its own. No effect
             without ZeRO-3.
-        zero3_fast_leaf_sharding (`bool`, *optional*, defaults to `True`):
-            With `zero3_leaf_modules`, fetch and release the leaf blocks through DeepSpeed's fast path for leaf modules
-            (the one `stage3_module_granularity_threshold` turns on): the host does not wait for each fetched
-            parameter's all-gather, so it can queue the next blocks' work while the GPU computes. No effect without
-            ZeRO-3.
         fsdp_autocast_precision (`bool`, *optional*, defaults to `True`):
             Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU: parameters are still
             gathered and multiplied in half precision, but the forward runs under `torch.autocast` (accelerate applies
@@ -325,11 +320,6 @@ class RejectionSFTConfig(SFTConfig):
         "help": "Under DeepSpeed ZeRO-3, gather each transformer block's weights at once (the blocks marked as ZeRO-3 "
         "leaf modules, with a two-block prefetch) instead of each linear layer and LoRA factor on its own. No "
         "effect without ZeRO-3."})
-    zero3_fast_leaf_sharding: bool = field(default=True, metadata={
-        "help": "With `zero3_leaf_modules`, fetch and release the leaf blocks through DeepSpeed's fast path for leaf "
-        "modules (the one `stage3_module_granularity_threshold` turns on): the host does not wait for each fetched "
-        "parameter's all-gather, so it can queue the next blocks' work while the GPU computes. No effect without "
-        "ZeRO-3."})
     fsdp_autocast_precision: bool = field(default=True, metadata={
         "help": "Under FSDP2 with bf16/fp16 mixed precision, compute as autocast does on one GPU: parameters are still "
         "gathered and multiplied in half precision, but the forward runs under `torch.autocast` (accelerate applies "

@@ -181,25 +181,6 @@ def setup_zero3(accelerator: Any, model: torch.nn.Module, leaf_modules: bool = T
     return applied
 
 
-def zero3_fast_leaf_sharding(engine: Any) -> bool:
-    """Switch a prepared ZeRO-3 engine's parameter coordinator to DeepSpeed's fast fetch and release path for leaf
-    modules (`fast_sharding_for_leaf_module`, which DeepSpeed turns on only with `stage3_module_granularity_threshold`,
-    its own choice of leaves). On the default path the host waits, for each parameter of a fetched block past the
-    second, until an earlier parameter's all-gather has finished on the GPU (DeepSpeed's cap of two fetch events in
-    flight), so it stays at most a block ahead of the GPU and every hook's Python time shows up as GPU idle time.
-    Returns whether the switch was made (False without ZeRO-3 or where this DeepSpeed has no such path)."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    coordinator = offload.get_param_coordinator() if offload is not None else None
-    if coordinator is None:
-        return False
-    if not hasattr(coordinator, "fast_sharding_for_leaf_module"):
-        logger.warning("ZeRO-3: this DeepSpeed's parameter coordinator has no fast path for leaf modules; "
-                       "zero3_fast_leaf_sharding has no effect")
-        return False
-    coordinator.fast_sharding_for_leaf_module = True
-    return True
-
-
 def setup_deepspeed_autocast(accelerator: Any, model: torch.nn.Module, half: torch.dtype | None,
                              enabled: bool = True) -> torch.dtype | None:
     """Under DeepSpeed with bf16/fp16 (`half`, the training arguments' precision), run `model`'s forward under

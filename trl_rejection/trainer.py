@@ -204,7 +204,7 @@ class RejectionSFTTrainer(SFTTrainer):
                          formatting_func=formatting_func)
         self.padding_free = padding_free
         self._split_sums: dict[str, tuple[torch.Tensor, int]] = {}  # mode -> (on-device sums, micro-batches)
-        self._sharding_prepared = False
+        self._fsdp2_units_gathered = False
         if padding_free:
             use_varlen_attention(self.model)
         if args.varlen_vision_attention:
@@ -276,13 +276,10 @@ class RejectionSFTTrainer(SFTTrainer):
                               cache_enabled=cache_enabled)
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if not self._sharding_prepared:  # the model is wrapped now (FSDP2 units, DeepSpeed engine)
-            self._sharding_prepared = True
-            if distributed.gather_fsdp2_units_once(model):  # FSDP2 with gradient accumulation: see there
+        if not self._fsdp2_units_gathered:  # FSDP2 with gradient accumulation: see gather_fsdp2_units_once
+            self._fsdp2_units_gathered = True
+            if distributed.gather_fsdp2_units_once(model):
                 logger.info("FSDP2: every unit all-gathered once before the first backward")
-            if self.args.zero3_leaf_modules and self.args.zero3_fast_leaf_sharding \
-                    and distributed.zero3_fast_leaf_sharding(model):
-                logger.info("ZeRO-3: leaf blocks fetched and released through DeepSpeed's fast path")
         # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward.
         with self._lora_input_cast_context(), self._checkpointing_context(inputs):
             return super().training_step(model, inputs, *args, **kwargs)
