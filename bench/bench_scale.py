@@ -204,6 +204,9 @@ def batches(out: Path) -> list[frozenset]:
 def start(name: str, gpu: int | None = None) -> subprocess.Popen:
     (WORK / "out").mkdir(parents=True, exist_ok=True)
     (WORK / "out" / f"{name}.metrics.jsonl").unlink(missing_ok=True)
+    if not name.endswith("_resume"):  # a rerun on a warm machine: the recipe refuses this harness's earlier records
+        for path in (WORK / "out" / name).glob("data_order_rank*.jsonl"):
+            path.unlink()
     env = {**os.environ, **RUN_ENV.get(run_key(name), {})}
     return subprocess.Popen(launch_cmd(name, gpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=WORK, env=env)

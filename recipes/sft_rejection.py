@@ -12,6 +12,7 @@ prepared mix. With no `--config`, `recipes/configs/tiny.yaml` runs: a tiny rando
 on CPU, in about a minute.
 """
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,26 @@ def check_run_paths(script_args: ScriptArguments, training_args: RejectionSFTCon
     if cfg is not None:
         inputs += [cfg.refusal_source, cfg.normal_source, cfg.refusal_image_root, cfg.normal_image_root]
     check_work_dir(training_args.output_dir, inputs=inputs, what="training run")
+    check_fresh_records(script_args, training_args)
     return cfg
+
+
+def check_fresh_records(script_args: ScriptArguments, training_args: RejectionSFTConfig) -> None:
+    """`--metrics_file` and `--record_data_order` append, so that a resumed run continues its records; a run that does
+    not resume refuses files an earlier run left there, which its own records would silently be pooled with."""
+    if training_args.resume_from_checkpoint:
+        return
+    earlier = []
+    metrics = script_args.metrics_file
+    if metrics and os.path.isfile(metrics) and os.path.getsize(metrics):
+        earlier.append(metrics)
+    if script_args.record_data_order:
+        earlier += sorted(map(str, Path(training_args.output_dir).glob("data_order_rank*.jsonl")))
+    if earlier:
+        raise UserError(
+            f"{', '.join(earlier)} already hold records of an earlier run, and this run (not a resume) would append "
+            "its own to them. Fix: pass another --metrics_file or --output_dir, move those files away, or resume "
+            "that run with --resume_from_checkpoint")
 
 
 def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig, cfg: MixConfig | None):
