@@ -47,8 +47,8 @@ Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for the
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
 resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's);
 `_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory; `_spy` (outermost)
-samples every process's Python stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing them) into $OUT/<run>.pyspy.txt (collapsed
-stacks; `bench/pyspy_summary.py` sums them by function).
+samples every process's Python stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing them) into
+$OUT/<run>.pyspy.txt (collapsed stacks; `bench/pyspy_summary.py` sums them by function).
 
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
