@@ -48,7 +48,7 @@ A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoint
 resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's);
 `_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory; `_spy` (outermost)
 samples every process's Python stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing them) into
-$OUT/<run>.pyspy.txt (collapsed stacks; `bench/pyspy_summary.py` sums them by function).
+$OUT/<run>.pyspy.txt.gz (collapsed stacks; `bench/pyspy_summary.py` sums them by function).
 
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
@@ -66,8 +66,10 @@ SMALL=1: a CPU dry run of the harness (tiny model, gloo processes, `multi_cpu.ya
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -250,6 +252,11 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
         record.update(real_tok_s=(b["tokens_seen"] - a["tokens_seen"]) / (b["time_s"] - a["time_s"]),
                       step_s=(b["time_s"] - a["time_s"]) / (b["step"] - a["step"]), timed_steps=b["step"] - a["step"],
                       peak_gib=b["peak_gib"], tokens_seen=b["tokens_seen"])
+    spy = OUT / f"{name}.pyspy.txt"
+    if spy.is_file():  # collapsed stacks run to tens of MB: gzip them (bench/pyspy_summary.py reads either)
+        with open(spy, "rb") as f, gzip.open(f"{spy}.gz", "wb") as z:
+            shutil.copyfileobj(f, z)
+        spy.unlink()
     profiles = sorted((WORK / "out" / name / "profile").glob("rank*.json"))
     if profiles:
         record["profile"] = [json.loads(path.read_text()) for path in profiles]

@@ -1,16 +1,19 @@
 """Sum py-spy's collapsed stacks (`py-spy record --format raw`, as `bench_scale.py`'s `_spy` runs write) by function.
 
-    python bench/pyspy_summary.py OUT/zero3_spy.pyspy.txt [--within training_step] [--top 40]
+    python bench/pyspy_summary.py OUT/zero3_spy.pyspy.txt.gz [--within training_step] [--top 40]
 
 For each sampled process whose stacks pass through `--within` (a function or method name; default `training_step`: the
 trainer's micro-batches), prints the samples inside it, then the functions by inclusive share (on the stack) and by
 self share (the innermost Python frame) of those samples. py-spy records only Python frames: time in a C call shows
-as the Python line that made it.
+as the Python line that made it, and a thread waiting without holding a core (a lock, the GIL) is not sampled. On
+CUDA the backward's Python hooks (FSDP's post-backward, DeepSpeed's gradient reduction) run in autograd's device
+thread, outside `training_step`: pass one of them as `--within` to see that thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -32,7 +35,8 @@ def is_within(frame: str, name: str) -> bool:
 
 def summarise(path: Path, within: str, top: int) -> None:
     per_process: dict[str, list[tuple[list[str], int]]] = defaultdict(list)
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
