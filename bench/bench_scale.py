@@ -46,9 +46,9 @@ Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for the
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
 resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's);
-`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory; `_spy` (outermost)
-samples every process's Python stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing them) into
-$OUT/<run>.pyspy.txt.gz (collapsed stacks; `bench/pyspy_summary.py` sums them by function).
+`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory; `_spy` (on a
+plain run only) samples every process's Python stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing
+them) into $OUT/<run>.pyspy.txt.gz (collapsed stacks; `bench/pyspy_summary.py` sums them by function).
 
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
@@ -237,6 +237,8 @@ def finish(name: str, rc: int | str, text: str, wall: float, side_by_side: bool)
     with open(OUT / "runs.log", "a") as f:
         f.write(f"\n===== {name} rc={rc} wall={wall:.0f}s\n{' '.join(cmd)}\n{text[-6000:]}\n")
     steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if name.endswith("_spy") and rc == 0 and len(steps) < int(STEPS or 10):
+        rc = "failed (py-spy exits 0 whatever the run did)"
     cfg, n, bs, accumulation, flags = RUNS[run_key(name)]
     device_batch = bs // 4 if SMALL else bs  # SMALL runs a quarter of the batch (launch_cmd)
     record = dict(variant=name, config=cfg, processes=n, per_device_batch=device_batch,
@@ -309,8 +311,12 @@ def main() -> None:
     if rows < GLOBAL * steps:  # a second epoch would reshuffle: the runs would no longer see one pass of the data
         sys.exit(f"{rows} prepared rows < GLOBAL x steps = {GLOBAL} x {steps}: "
                  f"run `prepare` with ROWS={GLOBAL * steps}")
-    records = [r for group in os.environ.get("RUNS", "ref1,ddp,fsdp,zero3").split(",") if group
-               for r in run_group(group)]
+    groups = [group for group in os.environ.get("RUNS", "ref1,ddp,fsdp,zero3").split(",") if group]
+    combined = [name for group in groups for name in group.split("+")
+                if name.endswith("_spy") and run_key(name) != name.removesuffix("_spy")]
+    if combined:  # the other suffixes are read from the end of the name
+        sys.exit(f"{combined}: `_spy` goes on a plain run (e.g. zero3_spy), not with _prof/_ckpt/_resume")
+    records = [r for group in groups for r in run_group(group)]
     table(records)
 
 

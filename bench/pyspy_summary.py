@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,9 +23,12 @@ FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]+)(?::\d+)?\)$")
 
 
 def function(frame: str) -> str:
-    """`func (path/to/file.py:123)` as `func (file.py)`; other frames (process, thread) as they are."""
+    """`func (path/to/file.py:123)` as `func (to/file.py)`; other frames (process, thread) as they are."""
     match = FRAME.match(frame.strip())
-    return f"{match['func']} ({Path(match['file']).name})" if match else frame.strip()
+    if not match:
+        return frame.strip()
+    path = Path(match["file"])
+    return f"{match['func']} ({path.parent.name}/{path.name})" if path.parent.name else f"{match['func']} ({path.name})"
 
 
 def is_within(frame: str, name: str) -> bool:
@@ -34,6 +38,7 @@ def is_within(frame: str, name: str) -> bool:
 
 
 def summarise(path: Path, within: str, top: int) -> None:
+    """Print the tables of every process with samples inside `within`; exit with an error if none has any."""
     per_process: dict[str, list[tuple[list[str], int]]] = defaultdict(list)
     text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     for line in text.splitlines():
@@ -43,11 +48,13 @@ def summarise(path: Path, within: str, top: int) -> None:
         frames = stack.split(";")
         processes = [f for f in frames if f.startswith("process ")]  # --subprocesses: launcher;...;worker
         per_process[processes[-1] if processes else "process"].append((frames, int(count)))
+    found = False
     for process, stacks in sorted(per_process.items()):
         inside = [(frames, n) for frames, n in stacks if any(is_within(f, within) for f in frames)]
         total = sum(n for _, n in inside)
         if not total:
             continue
+        found = True
         inclusive, own = Counter(), Counter()
         for frames, n in inside:
             first = next(i for i, f in enumerate(frames) if is_within(f, within))
@@ -62,6 +69,8 @@ def summarise(path: Path, within: str, top: int) -> None:
         print("\n| self | function |\n|---|---|")
         for name, n in own.most_common(top // 2):
             print(f"| {100 * n / total:.1f}% | {name} |")
+    if not found:
+        sys.exit(f"no sample of {path} passes through a function named {within!r}")
 
 
 def main() -> None:

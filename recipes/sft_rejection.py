@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from accelerate import PartialState
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from trl_rejection import RejectionSFTConfig, RejectionSFTTrainer
@@ -126,8 +127,9 @@ def mix_config(script_args: ScriptArguments) -> MixConfig:
 
 def check_run_paths(script_args: ScriptArguments, training_args: RejectionSFTConfig,
                     model_args: ModelConfig) -> MixConfig | None:
-    """Before any model is built: the output folder is one the recipe may write into (see `check_work_dir`), and the
-    mix block is complete and well typed. Returns the checked mix block (None with `--dataset_path`)."""
+    """Before any model is built: the output folder is one the recipe may write into (see `check_work_dir`), the
+    measurement files and the checkpoint to resume are usable (`check_fresh_records`), and the mix block is complete
+    and well typed. Returns the checked mix block (None with `--dataset_path`)."""
     inputs = [script_args.dataset_path, model_args.model_name_or_path]
     cfg = None if script_args.dataset_path else mix_config(script_args)
     if cfg is not None:
@@ -138,21 +140,28 @@ def check_run_paths(script_args: ScriptArguments, training_args: RejectionSFTCon
 
 
 def check_fresh_records(script_args: ScriptArguments, training_args: RejectionSFTConfig) -> None:
-    """`--metrics_file` and `--record_data_order` append, so that a resumed run continues its records; a run that does
-    not resume refuses files an earlier run left there, which its own records would silently be pooled with."""
-    if training_args.resume_from_checkpoint:
+    """`--resume_from_checkpoint` names a checkpoint folder, and `--metrics_file` is a file in an existing folder. Both
+    record files append, so that a run resumed from its last checkpoint continues its records (one resumed from an
+    earlier checkpoint appends those steps again); a run that does not resume refuses records an earlier run left
+    there, which its own would silently be pooled with. Nothing is written or removed."""
+    resume, metrics = training_args.resume_from_checkpoint, script_args.metrics_file
+    if resume is not None and not os.path.isdir(resume):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is not a folder. Fix: give a checkpoint folder of an "
+                        "earlier run, e.g. <output_dir>/checkpoint-500, or leave it out to start a new run")
+    if metrics and (os.path.isdir(metrics) or not os.path.isdir(os.path.dirname(os.path.abspath(metrics)))):
+        raise UserError(f"--metrics_file {metrics} is a folder or lies in a folder that does not exist. Fix: give a "
+                        "file path in an existing folder")
+    if resume is not None:
         return
-    earlier = []
-    metrics = script_args.metrics_file
     if metrics and os.path.isfile(metrics) and os.path.getsize(metrics):
-        earlier.append(metrics)
-    if script_args.record_data_order:
-        earlier += sorted(map(str, Path(training_args.output_dir).glob("data_order_rank*.jsonl")))
-    if earlier:
-        raise UserError(
-            f"{', '.join(earlier)} already hold records of an earlier run, and this run (not a resume) would append "
-            "its own to them. Fix: pass another --metrics_file or --output_dir, move those files away, or resume "
-            "that run with --resume_from_checkpoint")
+        raise UserError(f"--metrics_file {metrics} already holds records of an earlier run, and this run (not a "
+                        "resume) would append its own to them. Fix: pass another --metrics_file, move that file "
+                        "away, or resume that run with --resume_from_checkpoint")
+    orders = sorted(map(str, Path(training_args.output_dir).glob("data_order_rank*.jsonl")))
+    if script_args.record_data_order and orders:
+        raise UserError(f"{', '.join(orders)}: the data order of an earlier run in this output_dir, which this run "
+                        "(not a resume) would append its own to. Fix: pass another --output_dir, move those files away, "
+                        "or resume that run with --resume_from_checkpoint")
 
 
 def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig, cfg: MixConfig | None):
@@ -197,6 +206,7 @@ def main(script_args: ScriptArguments, training_args: RejectionSFTConfig, model_
     if script_args.metrics_file and training_args.include_num_input_tokens_seen in ("no", False, None):
         training_args.include_num_input_tokens_seen = "non_padding"
     mix = check_run_paths(script_args, training_args, model_args)
+    PartialState().wait_for_everyone()  # every process checked before any writes a record (`check_fresh_records`)
     model, processor = load_model(model_args, training_args, script_args.mix_build)
     dataset, mix_location = load_mix(script_args, training_args, mix)
     peft_config = lora_config(model_args)

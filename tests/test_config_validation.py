@@ -346,29 +346,35 @@ def test_defaults_shown_in_fixes_read_back_as_the_same_value_in_yaml(value, text
 def test_a_fresh_run_refuses_measurement_files_of_an_earlier_run_and_a_resume_appends(tmp_path):
     """`--metrics_file` and `--record_data_order` append (a resumed run continues its records), so a run that does not
     resume must not pool its records with an earlier run's: it stops before building anything, naming the files and
-    the fix, and leaves them as they were."""
+    the fix, and leaves them as they were. A resume must name a checkpoint folder, the metrics file a usable path."""
     from trl_rejection.errors import UserError
 
-    metrics, out = tmp_path / "metrics.jsonl", tmp_path / "out"
-    out.mkdir()
+    metrics, out, checkpoint = tmp_path / "metrics.jsonl", tmp_path / "out", tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    order, earlier = out / "data_order_rank1.jsonl", '{"step": 1}\n'
     base = ["--dataset_path", str(tmp_path / "data"), "--metrics_file", str(metrics)]
 
-    def check(*extra: str) -> None:
-        SFT.check_run_paths(*sft_recipe([*base, *extra], tmp_path))
+    def check(*extra: str, args: list[str] = base) -> None:
+        SFT.check_run_paths(*sft_recipe([*args, *extra], tmp_path))
 
     metrics.write_text("")
     check("--record_data_order", "true")  # an empty metrics file and no data order yet: nothing to pool with
-    metrics.write_text('{"step": 1}\n')
-    (out / "data_order_rank1.jsonl").write_text('["row0"]\n')
-    for extra, without_order in [((), True), (("--record_data_order", "true"), False)]:
-        with pytest.raises(UserError) as info:
-            check(*extra)
-        message = str(info.value)
-        assert str(metrics) in message and "Fix: pass another --metrics_file or --output_dir" in message, message
-        assert ("data_order_rank1.jsonl" in message) is not without_order, message  # only with --record_data_order
+    metrics.write_text(earlier)
+    with pytest.raises(UserError, match=rf"--metrics_file {re.escape(str(metrics))} already holds records of an "
+                       r"earlier run.*Fix: pass another --metrics_file"):
+        check()
     metrics.unlink()
+    order.write_text('["row0"]\n')
     check()  # the data order files are not this run's business without --record_data_order
-    with pytest.raises(UserError, match="data_order_rank1.jsonl"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(order))}: the data order of an earlier run.*Fix: pass "
+                       r"another --output_dir"):
         check("--record_data_order", "true")
-    check("--record_data_order", "true", "--resume_from_checkpoint", str(out / "checkpoint-5"))  # a resume appends
-    assert (out / "data_order_rank1.jsonl").read_text() == '["row0"]\n'
+    metrics.write_text(earlier)
+    check("--record_data_order", "true", "--resume_from_checkpoint", str(checkpoint))  # a resume appends to both
+    assert order.read_text() == '["row0"]\n' and metrics.read_text() == earlier  # nothing written or removed
+    for bad in ("true", "", str(out / "checkpoint-9")):
+        with pytest.raises(UserError, match="is not a folder. Fix: give a checkpoint folder"):
+            check("--resume_from_checkpoint", bad)
+    for path in (tmp_path, tmp_path / "missing" / "metrics.jsonl"):
+        with pytest.raises(UserError, match="is a folder or lies in a folder that does not exist"):
+            check(args=["--dataset_path", str(tmp_path / "data"), "--metrics_file", str(path)])
