@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_rejection.callbacks import HostSyncRecorder, StepProfiler, busy_fraction, idle_gaps, parse_step_range
+from trl_rejection.callbacks import (HostSyncRecorder, StepProfiler, busy_fraction, communication_split, idle_gaps,
+                                     parse_step_range)
 
 
 def test_step_ranges_parse_or_fail_with_what_is_wrong():
@@ -29,6 +30,23 @@ def test_busy_fraction_is_the_covered_share_of_the_window(spans, window):
         else busy_fraction(intervals, float(window)) is None
 
 
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(0, 20)), max_size=14))
+@settings(max_examples=300, deadline=None)
+def test_communication_split_counts_compute_time_and_communication_not_hidden_behind_it(spans):
+    kernels = [("ncclDevKernel_AllGather_RING_LL" if comm else "sm90_xmma_gemm_bf16", float(a), float(a + n))
+               for comm, a, n in spans]
+    cells = {kind: {t for comm, a, n in spans if comm == kind for t in range(a, a + n)} for kind in (True, False)}
+    assert communication_split(kernels) == (pytest.approx(len(cells[False])),
+                                            pytest.approx(len(cells[True] - cells[False])))
+
+
+def test_communication_split_of_a_timeline():
+    kernels = [("gemm", 0, 10), ("ncclKernel_ReduceScatter", 5, 14), ("elementwise", 12, 13),
+               ("NCCL_AllGather", 20, 25)]
+    assert communication_split(kernels) == (11, 2 + 1 + 5)  # 10-12 and 13-14 exposed, then 20-25
+    assert communication_split([]) == (0, 0)
+
+
 def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     from peft import LoraConfig
 
@@ -45,6 +63,7 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     summary = json.loads((tmp_path / "profile" / "rank0.json").read_text())
     assert summary["steps"] == 2 and summary["step_s"] > 0 and summary["rank"] == 0
     assert summary["gpu_busy"] is None and summary["top_gpu_ms_per_step"] == []  # no GPU here
+    assert summary["compute_busy"] is None and summary["communication_only_ms_per_step"] == 0
     assert summary["host_syncs_per_step"] == []  # (CUDA's sync debug mode reports them)
     assert summary["idle_ms_per_step_by_host_op"] == []  # no kernels
     table = (tmp_path / "profile" / "rank0.txt").read_text()

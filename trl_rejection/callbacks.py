@@ -88,6 +88,23 @@ def busy_fraction(intervals: list[tuple[float, float]], window: float) -> float 
     return min(sum(stop - start for start, stop in _union(intervals)) / window, 1.0)
 
 
+def communication_split(kernels: list[tuple[str, float, float]]) -> tuple[float, float]:
+    """(time some compute kernel ran, time only communication kernels ran) in the unit of the kernels' (name, start,
+    end) times. Communication kernels are NCCL's (names containing "nccl"). Time with no compute kernel but a
+    communication kernel running is communication not hidden behind compute: the GPU waits for the network there."""
+    compute = _union([(a, b) for name, a, b in kernels if "nccl" not in name.lower()])
+    comm = _union([(a, b) for name, a, b in kernels if "nccl" in name.lower()])
+    overlap, i = 0.0, 0
+    for start, stop in comm:  # both unions are disjoint and sorted: one sweep
+        while i < len(compute) and compute[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(compute) and compute[j][0] < stop:
+            overlap += min(stop, compute[j][1]) - max(start, compute[j][0])
+            j += 1
+    return sum(b - a for a, b in compute), sum(b - a for a, b in comm) - overlap
+
+
 def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
     """The union of `intervals` as disjoint [start, stop] spans, in order."""
     spans: list[list[float]] = []
@@ -102,8 +119,9 @@ def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
 class StepProfiler(TrainerCallback):
     """Trainer callback behind `--profile_steps first-last`: `torch.profiler` over those optimizer steps, in every
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
-    `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels, the
-    top kernels in milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`),
+    `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels and
+    compute kernels, the time a step only communication kernels ran (`communication_split`), the top kernels in
+    milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`),
     and on CUDA the host synchronisations a step by call site)."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
@@ -160,10 +178,14 @@ class StepProfiler(TrainerCallback):
         averages = self._profiler.key_averages()
         gpu = [e for e in averages if e.self_device_time_total > 0]
         events = self._profiler.events()
-        kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+        named = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+        kernels = [(start, end) for _, start, end in named]
+        compute_us, comm_only_us = communication_split(named)
         host_ops = [e for e in events if e.device_type == DeviceType.CPU]
         top = sorted(gpu, key=lambda e: -e.self_device_time_total)[:20]
         summary = dict(rank=self.rank, steps=steps, step_s=wall / steps, gpu_busy=busy_fraction(kernels, wall * 1e6),
+                       compute_busy=round(compute_us / (wall * 1e6), 4) if named else None,
+                       communication_only_ms_per_step=round(comm_only_us / 1e3 / steps, 2),
                        top_gpu_ms_per_step=[(e.key, round(e.self_device_time_total / 1e3 / steps, 3), e.count // steps)
                                             for e in top],
                        idle_ms_per_step_by_host_op=[(label, round(us / 1e3 / steps, 2), round(n / steps, 2))
