@@ -50,18 +50,19 @@ def summarise(path: Path, within: str, top: int) -> None:
         per_process[processes[-1] if processes else "process"].append((frames, int(count)))
     found = False
     for process, stacks in sorted(per_process.items()):
-        inside = [(frames, n) for frames, n in stacks if any(is_within(f, within) for f in frames)]
-        total = sum(n for _, n in inside)
-        if not total:
-            continue
-        found = True
-        inclusive, own = Counter(), Counter()
-        for frames, n in inside:
-            first = next(i for i, f in enumerate(frames) if is_within(f, within))
+        inclusive, own, total = Counter(), Counter(), 0
+        for frames, n in stacks:
+            first = next((i for i, f in enumerate(frames) if is_within(f, within)), None)
+            if first is None:
+                continue
             names = [function(f) for f in frames[first:]]  # the frames from `within` inwards
             for name in set(names):
                 inclusive[name] += n
             own[names[-1]] += n
+            total += n
+        if not total:
+            continue
+        found = True
         print(f"\n## {process[:120]}\n{total} samples inside {within} (of {sum(n for _, n in stacks)})\n")
         print("| inclusive | self | function |\n|---|---|---|")
         for name, n in inclusive.most_common(top):

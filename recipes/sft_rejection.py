@@ -157,8 +157,9 @@ def check_fresh_records(script_args: ScriptArguments, training_args: RejectionSF
         raise UserError(f"--metrics_file {metrics} already holds records of an earlier run, and this run (not a "
                         "resume) would append its own to them. Fix: pass another --metrics_file, move that file "
                         "away, or resume that run with --resume_from_checkpoint")
-    orders = sorted(map(str, Path(training_args.output_dir).glob("data_order_rank*.jsonl")))
-    if script_args.record_data_order and orders:
+    orders = sorted(map(str, Path(training_args.output_dir).glob("data_order_rank*.jsonl"))) \
+        if script_args.record_data_order else []
+    if orders:
         raise UserError(f"{', '.join(orders)}: the data order of an earlier run in this output_dir, which this run "
                         "(not a resume) would append its own to. Fix: pass another --output_dir, move those files away, "
                         "or resume that run with --resume_from_checkpoint")
