@@ -161,8 +161,8 @@ def check_fresh_records(script_args: ScriptArguments, training_args: RejectionSF
         if script_args.record_data_order else []
     if orders:
         raise UserError(f"{', '.join(orders)}: the data order of an earlier run in this output_dir, which this run "
-                        "(not a resume) would append its own to. Fix: pass another --output_dir, move those files away, "
-                        "or resume that run with --resume_from_checkpoint")
+                        "(not a resume) would append its own to. Fix: pass another --output_dir, move those files "
+                        "away, or resume that run with --resume_from_checkpoint")
 
 
 def load_mix(script_args: ScriptArguments, training_args: RejectionSFTConfig, cfg: MixConfig | None):
