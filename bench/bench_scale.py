@@ -37,6 +37,8 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
     fsdp_vis        fsdp launched with --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer (the frozen vision tower
                     is not sharded block by block: it joins the root unit, gathered once a micro-batch)
     fsdp_keepvis    fsdp_keep and fsdp_vis together
+    fsdp_cta8, zero3_cta8   fsdp / zero3 with NCCL_MAX_CTAS=8 (NCCL's kernels on at most 8 SMs: fewer SMs taken from
+                    the compute kernels that the all-gathers overlap)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
@@ -109,6 +111,7 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
                                       str(WORK / "blocking_batches.json"))),
     "fsdp_nosync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "false")),
     "fsdp_vis": ("fsdp", 2, 16, 1, ()), "fsdp_keepvis": ("fsdp", 2, 16, 1, ()),
+    "fsdp_cta8": ("fsdp", 2, 16, 1, ()), "zero3_cta8": ("zero3", 2, 16, 1, ()),
 }
 LAUNCH_FLAGS = {  # accelerate launch options of a run
     "fsdp_keep": ["--fsdp_reshard_after_forward", "false"],
@@ -116,7 +119,8 @@ LAUNCH_FLAGS = {  # accelerate launch options of a run
     "fsdp_keepvis": ["--fsdp_reshard_after_forward", "false", "--fsdp_transformer_layer_cls_to_wrap",
                      "LlamaDecoderLayer"],
 }
-RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"}}  # environment of a run
+RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"},
+           "fsdp_cta8": {"NCCL_MAX_CTAS": "8"}, "zero3_cta8": {"NCCL_MAX_CTAS": "8"}}  # environment of a run
 
 
 def log(record: dict) -> None:
