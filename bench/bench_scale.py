@@ -37,7 +37,7 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
     fsdp_vis        fsdp launched with --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer (the frozen vision tower
                     is not sharded block by block: it joins the root unit, gathered once a micro-batch)
     fsdp_keepvis    fsdp_keep and fsdp_vis together
-    fsdp_cta8, zero3_cta8   fsdp / zero3 with NCCL_MAX_CTAS=8 (NCCL's kernels on at most 8 SMs: fewer SMs taken from
+    fsdp_cta8, zero3_cta8   (and _cta4) fsdp / zero3 with NCCL_MAX_CTAS=8 (4) (NCCL's kernels on at most 8 SMs: fewer SMs taken from
                     the compute kernels that the all-gathers overlap)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
@@ -112,6 +112,7 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "fsdp_nosync": ("fsdp", 2, 16, 1, ("--logging_nan_inf_filter", "false")),
     "fsdp_vis": ("fsdp", 2, 16, 1, ()), "fsdp_keepvis": ("fsdp", 2, 16, 1, ()),
     "fsdp_cta8": ("fsdp", 2, 16, 1, ()), "zero3_cta8": ("zero3", 2, 16, 1, ()),
+    "fsdp_cta4": ("fsdp", 2, 16, 1, ()), "zero3_cta4": ("zero3", 2, 16, 1, ()),
 }
 LAUNCH_FLAGS = {  # accelerate launch options of a run
     "fsdp_keep": ["--fsdp_reshard_after_forward", "false"],
@@ -120,7 +121,8 @@ LAUNCH_FLAGS = {  # accelerate launch options of a run
                      "LlamaDecoderLayer"],
 }
 RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"},
-           "fsdp_cta8": {"NCCL_MAX_CTAS": "8"}, "zero3_cta8": {"NCCL_MAX_CTAS": "8"}}  # environment of a run
+           "fsdp_cta8": {"NCCL_MAX_CTAS": "8"}, "zero3_cta8": {"NCCL_MAX_CTAS": "8"},
+           "fsdp_cta4": {"NCCL_MAX_CTAS": "4"}, "zero3_cta4": {"NCCL_MAX_CTAS": "4"}}  # environment of a run
 
 
 def log(record: dict) -> None:
