@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -9,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_rejection.callbacks import (HostSyncRecorder, StepProfiler, busy_fraction, communication_split, idle_gaps,
-                                     parse_step_range)
+from trl_rejection.callbacks import (HostSyncRecorder, StepProfiler, annotate_forward, busy_fraction,
+                                     communication_split, idle_gaps, parse_step_range)
 
 
 def test_step_ranges_parse_or_fail_with_what_is_wrong():
@@ -135,6 +136,77 @@ def test_idle_gaps_are_labelled_by_what_the_host_ran_in_their_middle():
                                                     ("autograd::engine::evaluate_function: MmBackward0", 40, 1),
                                                     ("optimizer.step", 20, 1)]
     assert idle_gaps([], host) == []
+
+
+def test_idle_gaps_name_the_innermost_annotated_block_between_the_outermost_and_innermost_operator():
+    from types import SimpleNamespace as NS
+
+    def op(name, start, end, parent=None):
+        return NS(name=name, time_range=NS(start=start, end=end), cpu_parent=parent, thread=1)
+
+    forward = op("trl_rejection: forward PeftModel", 0, 1000)
+    block = op("trl_rejection: forward LlamaDecoderLayer", 100, 300, forward)
+    hook = op("FSDP::pre_forward", 100, 200, block)
+    copy = op("aten::copy_", 150, 190, hook)
+    alone = op("trl_rejection: forward CLIPEncoderLayer", 500, 700, forward)
+    kernels = [(0, 120), (200, 210), (480, 490), (720, 730)]
+    # gaps: 120-200 (middle 160: the copy, in FSDP's hook, in the block), 210-480 (345: the forward only), 490-720
+    # (605: the CLIP block)
+    assert idle_gaps(kernels, [forward, block, hook, copy, alone]) == [
+        ("trl_rejection: forward PeftModel", 270, 1),
+        ("trl_rejection: forward PeftModel > trl_rejection: forward CLIPEncoderLayer", 230, 1),
+        ("trl_rejection: forward PeftModel > trl_rejection: forward LlamaDecoderLayer > aten::copy_", 80, 1)]
+
+
+def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hooks(monkeypatch):
+    import threading
+
+    import torch
+    import torch.profiler
+    from torch.profiler import profile, record_function
+
+    from trl_rejection.testing.tiny import make_model, make_processor
+
+    model = make_model("llava-1.5", make_processor("llava-1.5"))
+    layers = model.model.language_model.layers
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+
+    def fetch(module, args):  # stands for FSDP's unshard / DeepSpeed's fetch: a pre-hook registered earlier
+        with record_function("fetch"):
+            torch.ones(1)
+
+    earlier = layers[0].register_forward_pre_hook(fetch, prepend=True)
+    hooks = {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()}
+    with profile() as prof:
+        with annotate_forward(model):
+            model(input_ids=ids)
+            with pytest.raises(IndexError):
+                model(input_ids=torch.tensor([[10**6]]))  # fails inside the embedding: the model's range stays open
+        with record_function("after"):  # closed on exit: what runs after it is not inside it
+            torch.ones(1)
+    assert {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()} == hooks
+    earlier.remove()
+    events = prof.events()
+    names = [e.name for e in events if e.name.startswith("trl_rejection: ")]
+    assert names.count("trl_rejection: forward LlavaForConditionalGeneration") == 2
+    (after,) = [e for e in events if e.name == "after"]
+    assert max(e.time_range.end for e in events if e.name.startswith("trl_rejection: ")) < after.time_range.start
+    assert names.count("trl_rejection: forward LlamaDecoderLayer") == len(layers) == 2
+    assert not any("CLIP" in n for n in names)  # no image: the vision blocks did not run
+    fetches = [e for e in events if e.name == "fetch"]
+    assert len(fetches) == 1
+    block = fetches[0].cpu_parent  # the earlier hook ran inside the block's range, inside the model's
+    assert block.name == "trl_rejection: forward LlamaDecoderLayer"
+    assert block.cpu_parent.name == "trl_rejection: forward LlavaForConditionalGeneration"
+
+    opened = []  # off the main thread (where the profiler does not follow a plain thread): named a recompute
+    monkeypatch.setattr(torch.profiler, "record_function", lambda name: opened.append(name) or contextlib.nullcontext())
+    with annotate_forward(model):
+        worker = threading.Thread(target=lambda: model(input_ids=ids))
+        worker.start()
+        worker.join()
+    assert opened == ["trl_rejection: recompute LlavaForConditionalGeneration"] + \
+        ["trl_rejection: recompute LlamaDecoderLayer"] * 2
 
 
 def test_host_sync_sites_name_the_caller_outside_torch_and_the_torch_frame_it_called():

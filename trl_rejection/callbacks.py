@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 import time
 import traceback
 import warnings
@@ -121,8 +122,9 @@ class StepProfiler(TrainerCallback):
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
     `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels and
     compute kernels, the time a step only communication kernels ran (`communication_split`), the top kernels in
-    milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`),
-    and on CUDA the host synchronisations a step by call site)."""
+    milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`; the model's
+    forward and its blocks are marked by `annotate_forward`, so a gap names the block the host was in), and on CUDA
+    the host synchronisations a step by call site)."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
         self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
@@ -131,7 +133,7 @@ class StepProfiler(TrainerCallback):
         self._syncs = HostSyncRecorder()
         self._recording: contextlib.ExitStack | None = None
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 == self.first and self._profiler is None:  # global_step counts finished steps
             from torch.profiler import ProfilerActivity, profile
 
@@ -140,6 +142,8 @@ class StepProfiler(TrainerCallback):
             self._profiler = profile(activities=activities)
             self._recording = contextlib.ExitStack()
             self._recording.enter_context(self._syncs.recording())
+            if model is not None:
+                self._recording.enter_context(annotate_forward(model))
             self._profiler.start()
             self._t0 = time.perf_counter()
 
@@ -200,13 +204,58 @@ class StepProfiler(TrainerCallback):
                                                            f"step\n\n" + "\n\n".join(tables) + "\n")
 
 
+ANNOTATION = "trl_rejection: "
+"""Prefix of the profiler ranges that `annotate_forward` opens."""
+
+
+@contextlib.contextmanager
+def annotate_forward(model: torch.nn.Module) -> Iterator[None]:
+    """While open, each forward of `model` and of its blocks (`distributed.fsdp_layer_classes`: the units FSDP
+    shards and ZeRO-3 fetches) runs inside a profiler range, `"trl_rejection: forward <Class>"`, or `"... recompute
+    <Class>"` off the main thread (gradient checkpointing's recompute, in autograd's thread). The range opens before
+    the module's other forward pre-hooks (FSDP's unshard, DeepSpeed's fetch) and closes after its other forward hooks,
+    so their host time is inside it. Ranges left open by a forward that raised are closed on exit."""
+    from torch.profiler import record_function
+
+    from .distributed import fsdp_layer_classes
+
+    blocks = set(fsdp_layer_classes(model))
+    open_ranges: dict[tuple[int, int], list[Any]] = collections.defaultdict(list)  # (module, thread): stack
+
+    def enter(module, args):
+        phase = "forward" if threading.current_thread() is threading.main_thread() else "recompute"
+        span = record_function(f"{ANNOTATION}{phase} {type(module).__name__}")
+        span.__enter__()
+        open_ranges[id(module), threading.get_ident()].append(span)
+
+    def leave(module, args, output):
+        stack = open_ranges.get((id(module), threading.get_ident()))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        if module is model or type(module).__name__ in blocks:
+            handles.append(module.register_forward_pre_hook(enter, prepend=True))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in open_ranges.values():
+            while stack:
+                stack.pop().__exit__(None, None, None)
+
+
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
               min_gap: float = 50.0) -> list[tuple[str, float, int]]:
     """Where the GPU waited for the host: each gap of at least `min_gap` (same unit as the times, the profiler's
     microseconds) between the kernels, labelled by what the host was running at the gap's middle: the innermost
-    profiled operator running then on any thread (the latest started), as `"outermost > innermost"`, or
-    `"(no operator: Python)"`. Returns (label, total gap time, gaps), longest total first. `host_ops` need `name`,
-    `time_range.start` / `.end`, `cpu_parent` and `thread` (a profiler's `FunctionEvent`s, nested per thread)."""
+    profiled operator running then on any thread (the latest started), as `"outermost > innermost"` (with the
+    innermost `annotate_forward` range between them where it is neither), or `"(no operator: Python)"`. Returns
+    (label, total gap time, gaps), longest total first. `host_ops` need `name`, `time_range.start` / `.end`,
+    `cpu_parent` and `thread` (a profiler's `FunctionEvent`s, nested per thread)."""
     busy = _union(kernels)
     threads: dict[Any, list[Any]] = collections.defaultdict(list)
     for op in host_ops:
@@ -233,10 +282,12 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
             label = "(no operator: Python)"
         else:
             inner = max(running, key=lambda e: e.time_range.start)
-            outer = inner
-            while outer.cpu_parent is not None:
-                outer = outer.cpu_parent
-            label = inner.name if outer is inner else f"{outer.name} > {inner.name}"
+            chain = [inner]
+            while chain[-1].cpu_parent is not None:
+                chain.append(chain[-1].cpu_parent)
+            marked = next((e for e in chain[1:-1] if e.name.startswith(ANNOTATION)), None)
+            label = " > ".join(e.name for e in (chain[-1], marked, inner) if e is not None) if len(chain) > 1 \
+                else inner.name
         totals[label] += gap_end - gap_start
         counts[label] += 1
     return [(label, total, counts[label]) for label, total in totals.most_common()]
