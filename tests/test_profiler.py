@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_rejection.callbacks import (HostSyncRecorder, StepProfiler, annotate_forward, busy_fraction,
-                                     communication_split, idle_gaps, parse_step_range)
+                                     communication_split, device_kernels, idle_gaps, parse_step_range)
 
 
 def test_step_ranges_parse_or_fail_with_what_is_wrong():
@@ -46,6 +46,21 @@ def test_communication_split_of_a_timeline():
                ("NCCL_AllGather", 20, 25)]
     assert communication_split(kernels) == (11, 2 + 1 + 5)  # 10-12 and 13-14 exposed, then 20-25
     assert communication_split([]) == (0, 0)
+
+
+def test_device_kernels_leave_out_the_device_side_of_annotated_ranges():
+    from types import SimpleNamespace as NS
+
+    def event(name, start, end, device="CUDA", annotation=False):
+        return NS(name=name, time_range=NS(start=start, end=end), device_type=device, is_user_annotation=annotation)
+
+    events = [event("trl_rejection: forward LlavaForConditionalGeneration", 0, 100, annotation=True),
+              event("gemm", 0, 40), event("trl_rejection: forward LlavaForConditionalGeneration", 0, 100, "CPU"),
+              event("nccl:_all_gather_base", 50, 60, annotation=True), event("ncclDevKernel_AllGather", 50, 60),
+              event("aten::mm", 0, 40, "CPU")]
+    kernels = device_kernels(events, "CUDA")
+    assert kernels == [("gemm", 0, 40), ("ncclDevKernel_AllGather", 50, 60)]
+    assert busy_fraction([(a, b) for _, a, b in kernels], 100) == 0.5  # the range's 0-100 would make it 1.0
 
 
 def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):

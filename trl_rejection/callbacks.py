@@ -106,6 +106,14 @@ def communication_split(kernels: list[tuple[str, float, float]]) -> tuple[float,
     return sum(b - a for a, b in compute), sum(b - a for a, b in comm) - overlap
 
 
+def device_kernels(events: list[Any], device_type: Any) -> list[tuple[str, float, float]]:
+    """(name, start, end) of the profiler events that ran on `device_type`, without the device-side copies of
+    `record_function` ranges (`is_user_annotation`: on CUDA, a range such as `annotate_forward`'s spans every kernel
+    it launched, gaps included, and would count as a busy GPU)."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == device_type and not getattr(e, "is_user_annotation", False)]
+
+
 def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
     """The union of `intervals` as disjoint [start, stop] spans, in order."""
     spans: list[list[float]] = []
@@ -180,9 +188,9 @@ class StepProfiler(TrainerCallback):
 
         steps = last - self.first + 1
         averages = self._profiler.key_averages()
-        gpu = [e for e in averages if e.self_device_time_total > 0]
+        gpu = [e for e in averages if e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)]
         events = self._profiler.events()
-        named = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+        named = device_kernels(events, DeviceType.CUDA)
         kernels = [(start, end) for _, start, end in named]
         compute_us, comm_only_us = communication_split(named)
         host_ops = [e for e in events if e.device_type == DeviceType.CPU]
