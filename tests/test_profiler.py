@@ -92,6 +92,54 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     assert (tmp_path / "late" / "rank0.txt").read_text().startswith("steps 3-4,")
 
 
+def _trainer(tmp_path, callbacks=None):
+    from peft import LoraConfig
+
+    from test_trainer import LORA_TARGETS, config, mix
+    from trl_rejection.testing.tiny import make_model, make_processor
+    from trl_rejection.trainer import RejectionSFTTrainer
+
+    proc = make_processor("llava-1.5")
+    return RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, max_steps=2,
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                               train_dataset=mix(), processing_class=proc,
+                               peft_config=LoraConfig(r=4, target_modules=LORA_TARGETS), callbacks=callbacks)
+
+
+def test_training_steps_and_their_loss_computations_run_in_named_ranges(tmp_path):
+    from torch.profiler import profile
+
+    trainer = _trainer(tmp_path)
+    with profile() as prof:
+        trainer.train()
+    events = prof.events()
+    steps = [e for e in events if e.name == "trl_rejection: training_step"]
+    losses = [e for e in events if e.name == "trl_rejection: compute_loss"]
+    assert len(steps) == len(losses) == 4  # 2 optimizer steps x 2 micro-batches
+    for loss in losses:  # each inside a training step: its forward; the backward follows in the same range
+        assert loss.cpu_parent.name == "trl_rejection: training_step"
+    for step in steps:
+        assert any(e.name.startswith("autograd::engine::evaluate_function") and
+                   step.time_range.start <= e.time_range.start <= step.time_range.end for e in events)
+
+
+def test_the_profiler_annotates_the_model_being_trained_from_its_first_step(tmp_path, monkeypatch):
+    import trl_rejection.callbacks as callbacks
+
+    annotated = []
+
+    @contextlib.contextmanager
+    def record(model):
+        annotated.append(model)
+        yield
+        annotated.append("closed")
+
+    monkeypatch.setattr(callbacks, "annotate_forward", record)
+    trainer = _trainer(tmp_path, callbacks=[StepProfiler(2, 2, tmp_path / "profile", rank=0)])
+    trainer.train()
+    assert annotated == [trainer.model, "closed"]  # the Trainer passes its model to the callback
+
+
 def test_a_failed_write_leaves_the_profiler_stopped_for_close(tmp_path, monkeypatch):
     """If writing the tables fails, the profiler and the sync recording are stopped all the same, and the recipe's
     `close` (in its `finally`) then has nothing left to stop: it neither fails nor stops them a second time."""

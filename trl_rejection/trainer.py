@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
+from torch.profiler import record_function
 from transformers import AutoConfig, AutoProcessor
 from trl import SFTTrainer
 
 from . import distributed
 from .attention import use_varlen_attention, use_varlen_vision_attention
 from .balance import TokenBalancedSampler
+from .callbacks import ANNOTATION
 from .checkpointing import AutoLayerCheckpointing, CudaMemory
 from .collator import RejectionDataCollator
 from .config import RejectionSFTConfig
@@ -280,8 +282,10 @@ class RejectionSFTTrainer(SFTTrainer):
             self._fsdp2_units_gathered = True
             if distributed.gather_fsdp2_units_once(model):
                 logger.info("FSDP2: every unit all-gathered once before the first backward")
-        # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward.
-        with self._lora_input_cast_context(), self._checkpointing_context(inputs):
+        # The backward (and gradient checkpointing's recompute) runs inside, so both see the same forward. The range
+        # names this phase in `--profile_steps` profiles (as `compute_loss`'s does).
+        with record_function(f"{ANNOTATION}training_step"), self._lora_input_cast_context(), \
+                self._checkpointing_context(inputs):
             return super().training_step(model, inputs, *args, **kwargs)
 
     def _checkpointing_context(self, inputs: dict[str, Any]):
@@ -328,7 +332,8 @@ class RejectionSFTTrainer(SFTTrainer):
         # `compute_loss` for the outputs would run a second forward to rebuild the logits.
         handle = model.register_forward_hook(keep_output, with_kwargs=True)
         try:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with record_function(f"{ANNOTATION}compute_loss"):
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             handle.remove()
         if is_refusal is not None and "out" in captured:
