@@ -292,3 +292,26 @@ def test_host_sync_sites_name_the_caller_outside_torch_and_the_torch_frame_it_ca
     vision = frame(os.path.dirname(torch.__file__) + "vision/ops.py", 3, "nms")  # torchvision: not torch
     assert HostSyncRecorder.site(stack[:2] + [vision]).endswith("vision/ops.py:3 nms")
     assert HostSyncRecorder.site(stack[:1]) == "recipes/sft_rejection.py:10 main"  # no package: the last 2 parts
+
+
+def test_the_bench_profile_table_divides_each_profiled_step_into_micro_batches(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import profile_table
+
+    rank = dict(rank=1, step_s=2.0, gpu_busy=0.9, compute_busy=0.8, communication_only_ms_per_step=40.0,
+                top_gpu_ms_per_step=[["aten::mm", 1000.0, 3600], ["ncclDevKernel_AllGather_RING_LL(x)", 300.0, 200],
+                                     ["aten::add", 10.0, 5]],
+                idle_ms_per_step_by_host_op=[["trl_rejection: compute_loss", 120.0, 4],
+                                             ["(no operator: Python)", 80, 9]])
+    run = dict(variant="fsdp_prof", accumulation=2, profile=[rank])
+    assert profile_table.rows(run) == [["fsdp_prof", "1", "2.000 (2)", "500", "150 (100)", "800", "20", "100",
+                                        "trl_rejection: compute_loss: 60"]]
+    path = tmp_path / "call.jsonl"
+    path.write_text(json.dumps({"variant": "prepare", "rows": 640}) + "\n" + json.dumps(run) + "\n")
+    assert profile_table.main([str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| fsdp_prof | 1 | 2.000 (2) | 500 |")
+    path.write_text(json.dumps({**run, "profile": []}) + "\n")
+    assert profile_table.main([str(path)]) == 1
