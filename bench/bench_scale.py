@@ -37,8 +37,8 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
     fsdp_vis        fsdp launched with --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer (the frozen vision tower
                     is not sharded block by block: it joins the root unit, gathered once a micro-batch)
     fsdp_keepvis    fsdp_keep and fsdp_vis together
-    fsdp_cta8, zero3_cta8   (and _cta4) fsdp / zero3 with NCCL_MAX_CTAS=8 (4) (NCCL's kernels on at most 8 SMs: fewer SMs taken from
-                    the compute kernels that the all-gathers overlap)
+    fsdp_cta8, zero3_cta8, fsdp_cta4, zero3_cta4   fsdp / zero3 with NCCL_MAX_CTAS=8 or 4 (NCCL's kernels on at
+                    most 8 or 4 SMs: fewer SMs taken from the compute kernels that the all-gathers overlap)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation

@@ -4,9 +4,9 @@
 
 For each profiled run and process (its `profile` entries: the recipe's `--profile_steps` rank JSON), prints one
 Markdown row: the profiled step in seconds and the micro-batches it held, then per micro-batch in milliseconds the
-GEMMs (`aten::mm` self GPU time), the all-gather kernels (and their calls), the time some compute kernel ran, the time
-only communication kernels ran, the time no kernel ran, and the largest idle gap label. Profiled steps run slower
-than timed ones: compare profiled runs with each other only.
+GEMMs (`aten::mm`, `addmm`, `bmm` self GPU time, those among the rank's 20 top operators), the all-gather kernels
+(and their calls), the time some compute kernel ran, the time only communication kernels ran, the time no kernel ran,
+and the largest idle gap label. Profiled steps run slower than timed ones: compare profiled runs with each other only.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ def rows(record: dict) -> list[list[str]]:
     for rank in record.get("profile", []):
         step = rank["step_s"]
         top = {name: (ms, calls) for name, ms, calls in rank["top_gpu_ms_per_step"]}
-        gemm = top.get("aten::mm", (0.0, 0))[0]
+        gemms = [top[name][0] for name in GEMMS if name in top]
+        gemm = sum(gemms) if gemms else None
         gather = [(ms, calls) for name, (ms, calls) in top.items() if name.startswith("ncclDevKernel_AllGather")]
-        idle = step * (1 - rank["gpu_busy"]) if rank["gpu_busy"] is not None else None
+        idle = step * (1 - rank["gpu_busy"]) if rank.get("gpu_busy") is not None else None
         compute = step * rank["compute_busy"] if rank.get("compute_busy") is not None else None
         comm = rank.get("communication_only_ms_per_step")
         gaps = rank["idle_ms_per_step_by_host_op"]
@@ -43,6 +44,7 @@ def rows(record: dict) -> list[list[str]]:
     return out
 
 
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")  # matrix-multiplication operators (self GPU time of each)
 HEADER = ["run", "rank", "profiled step s (micro-batches)", "GEMM ms", "all-gather ms (calls)", "compute ms",
           "communication-only ms", "idle ms", "largest idle, by host op: ms"]
 

@@ -207,25 +207,23 @@ def test_idle_gaps_name_the_innermost_annotated_block_between_the_outermost_and_
     def op(name, start, end, parent=None):
         return NS(name=name, time_range=NS(start=start, end=end), cpu_parent=parent, thread=1)
 
-    forward = op("trl_rejection: forward PeftModel", 0, 1000)
-    block = op("trl_rejection: forward LlamaDecoderLayer", 100, 300, forward)
+    step = op("trl_rejection: training_step", 0, 2000)
+    forward = op("trl_rejection: PeftModel", 0, 1000, step)
+    block = op("trl_rejection: LlamaDecoderLayer", 100, 300, forward)
     hook = op("FSDP::pre_forward", 100, 200, block)
     copy = op("aten::copy_", 150, 190, hook)
-    alone = op("trl_rejection: forward CLIPEncoderLayer", 500, 700, forward)
+    alone = op("trl_rejection: CLIPEncoderLayer", 500, 700, forward)
     kernels = [(0, 120), (200, 210), (480, 490), (720, 730)]
     # gaps: 120-200 (middle 160: the copy, in FSDP's hook, in the block), 210-480 (345: the forward only), 490-720
     # (605: the CLIP block)
-    assert idle_gaps(kernels, [forward, block, hook, copy, alone]) == [
-        ("trl_rejection: forward PeftModel", 270, 1),
-        ("trl_rejection: forward PeftModel > trl_rejection: forward CLIPEncoderLayer", 230, 1),
-        ("trl_rejection: forward PeftModel > trl_rejection: forward LlamaDecoderLayer > aten::copy_", 80, 1)]
+    assert idle_gaps(kernels, [step, forward, block, hook, copy, alone]) == [
+        ("trl_rejection: training_step > trl_rejection: PeftModel", 270, 1),
+        ("trl_rejection: training_step > trl_rejection: CLIPEncoderLayer", 230, 1),
+        ("trl_rejection: training_step > trl_rejection: LlamaDecoderLayer > aten::copy_", 80, 1)]
 
 
-def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hooks(monkeypatch):
-    import threading
-
+def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hooks():
     import torch
-    import torch.profiler
     from torch.profiler import profile, record_function
 
     from trl_rejection.testing.tiny import make_model, make_processor
@@ -234,42 +232,65 @@ def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hook
     layers = model.model.language_model.layers
     ids = torch.tensor([[1, 5, 6, 7, 8]])
 
-    def fetch(module, args):  # stands for FSDP's unshard / DeepSpeed's fetch: a pre-hook registered earlier
-        with record_function("fetch"):
-            torch.ones(1)
+    def hook(name):  # stands for FSDP2's unshard / reshard, DeepSpeed's fetch / release: hooks registered earlier
+        def run(*args):
+            with record_function(name):
+                torch.ones(1)
+        return run
 
-    earlier = layers[0].register_forward_pre_hook(fetch, prepend=True)
+    earlier = [layers[0].register_forward_pre_hook(hook("fetch"), prepend=True),
+               layers[0].register_forward_hook(hook("release"))]
     hooks = {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()}
     with profile() as prof:
         with annotate_forward(model):
             model(input_ids=ids)
             with pytest.raises(IndexError):
-                model(input_ids=torch.tensor([[10**6]]))  # fails inside the embedding: the model's range stays open
-        with record_function("after"):  # closed on exit: what runs after it is not inside it
-            torch.ones(1)
-    assert {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()} == hooks
-    earlier.remove()
+                model(input_ids=torch.tensor([[10**6]]))  # fails inside the embedding
+            with record_function("between"):  # the failed forward's range closed as it failed, before this
+                torch.ones(1)
+        assert {id(m): (len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()} == hooks
+    for handle in earlier:
+        handle.remove()
     events = prof.events()
     names = [e.name for e in events if e.name.startswith("trl_rejection: ")]
-    assert names.count("trl_rejection: forward LlavaForConditionalGeneration") == 2
-    (after,) = [e for e in events if e.name == "after"]
-    assert max(e.time_range.end for e in events if e.name.startswith("trl_rejection: ")) < after.time_range.start
-    assert names.count("trl_rejection: forward LlamaDecoderLayer") == len(layers) == 2
+    assert names.count("trl_rejection: LlavaForConditionalGeneration") == 2
+    assert names.count("trl_rejection: LlamaDecoderLayer") == len(layers) == 2
     assert not any("CLIP" in n for n in names)  # no image: the vision blocks did not run
-    fetches = [e for e in events if e.name == "fetch"]
-    assert len(fetches) == 1
-    block = fetches[0].cpu_parent  # the earlier hook ran inside the block's range, inside the model's
-    assert block.name == "trl_rejection: forward LlamaDecoderLayer"
-    assert block.cpu_parent.name == "trl_rejection: forward LlavaForConditionalGeneration"
+    (between,) = [e for e in events if e.name == "between"]
+    assert max(e.time_range.end for e in events if e.name.startswith("trl_rejection: ")) < between.time_range.start
+    for name in ("fetch", "release"):  # inside the block's range, inside the model's
+        (event,) = [e for e in events if e.name == name]
+        assert event.cpu_parent.name == "trl_rejection: LlamaDecoderLayer"
+        assert event.cpu_parent.cpu_parent.name == "trl_rejection: LlavaForConditionalGeneration"
 
-    opened = []  # off the main thread (where the profiler does not follow a plain thread): named a recompute
-    monkeypatch.setattr(torch.profiler, "record_function", lambda name: opened.append(name) or contextlib.nullcontext())
-    with annotate_forward(model):
-        worker = threading.Thread(target=lambda: model(input_ids=ids))
-        worker.start()
-        worker.join()
-    assert opened == ["trl_rejection: recompute LlavaForConditionalGeneration"] + \
-        ["trl_rejection: recompute LlamaDecoderLayer"] * 2
+
+def test_annotate_forward_finds_the_blocks_fsdp2_has_sharded(tmp_path):
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import profile
+
+    from trl_rejection.distributed import class_name, fsdp_layer_classes
+    from trl_rejection.testing.tiny import make_model, make_processor
+
+    model = make_model("llava-1.5", make_processor("llava-1.5"))
+    blocks = fsdp_layer_classes(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.language_model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert type(model).__name__ == "FSDPLlavaForConditionalGeneration"
+        assert class_name(model) == "LlavaForConditionalGeneration"
+        assert fsdp_layer_classes(model) == blocks  # the sharded blocks count as their own classes
+        with profile() as prof, annotate_forward(model):
+            model(input_ids=torch.tensor([[1, 5, 6, 7, 8]]))
+    finally:
+        dist.destroy_process_group()
+    names = [e.name for e in prof.events() if e.name.startswith("trl_rejection: ")]
+    assert sorted(names) == ["trl_rejection: LlamaDecoderLayer"] * 2 + ["trl_rejection: LlavaForConditionalGeneration"]
 
 
 def test_host_sync_sites_name_the_caller_outside_torch_and_the_torch_frame_it_called():
@@ -302,8 +323,8 @@ def test_the_bench_profile_table_divides_each_profiled_step_into_micro_batches(t
     import profile_table
 
     rank = dict(rank=1, step_s=2.0, gpu_busy=0.9, compute_busy=0.8, communication_only_ms_per_step=40.0,
-                top_gpu_ms_per_step=[["aten::mm", 1000.0, 3600], ["ncclDevKernel_AllGather_RING_LL(x)", 300.0, 200],
-                                     ["aten::add", 10.0, 5]],
+                top_gpu_ms_per_step=[["aten::mm", 900.0, 3600], ["ncclDevKernel_AllGather_RING_LL(x)", 300.0, 200],
+                                     ["aten::add", 10.0, 5], ["aten::addmm", 100.0, 30]],
                 idle_ms_per_step_by_host_op=[["trl_rejection: compute_loss", 120.0, 4],
                                              ["(no operator: Python)", 80, 9]])
     run = dict(variant="fsdp_prof", accumulation=2, profile=[rank])
@@ -313,5 +334,7 @@ def test_the_bench_profile_table_divides_each_profiled_step_into_micro_batches(t
     path.write_text(json.dumps({"variant": "prepare", "rows": 640}) + "\n" + json.dumps(run) + "\n")
     assert profile_table.main([str(path)]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("| fsdp_prof | 1 | 2.000 (2) | 500 |")
+    bare = {**rank, "gpu_busy": None, "top_gpu_ms_per_step": [], "idle_ms_per_step_by_host_op": []}  # no CUDA
+    assert profile_table.rows({**run, "profile": [bare]})[0][3:] == ["-", "-", "800", "20", "-", "-"]
     path.write_text(json.dumps({**run, "profile": []}) + "\n")
     assert profile_table.main([str(path)]) == 1

@@ -10,11 +10,10 @@ import contextlib
 import json
 import os
 import re
-import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +129,8 @@ class StepProfiler(TrainerCallback):
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
     `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels and
     compute kernels, the time a step only communication kernels ran (`communication_split`), the top kernels in
-    milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`; the model's
-    forward and its blocks are marked by `annotate_forward`, so a gap names the block the host was in), and on CUDA
+    milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`; the model and its
+    blocks are marked by `annotate_forward`, so a gap names the block the host was in), and on CUDA
     the host synchronisations a step by call site)."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
@@ -218,42 +217,42 @@ ANNOTATION = "trl_rejection: "
 
 @contextlib.contextmanager
 def annotate_forward(model: torch.nn.Module) -> Iterator[None]:
-    """While open, each forward of `model` and of its blocks (`distributed.fsdp_layer_classes`: the units FSDP
-    shards and ZeRO-3 fetches) runs inside a profiler range, `"trl_rejection: forward <Class>"`, or `"... recompute
-    <Class>"` off the main thread (gradient checkpointing's recompute, in autograd's thread). The range opens before
-    the module's other forward pre-hooks (FSDP's unshard, DeepSpeed's fetch) and closes after its other forward hooks,
-    so their host time is inside it. Ranges left open by a forward that raised are closed on exit."""
+    """While open, each call of `model` and of its blocks (`distributed.fsdp_layer_classes`: the units FSDP shards
+    and ZeRO-3 fetches, also once FSDP2 has renamed their classes `FSDP<Class>`) runs inside a profiler range named
+    `"trl_rejection: <Class>"`. The range opens before the module's other forward pre-hooks (FSDP2's unshard,
+    DeepSpeed's fetch) and closes after its other forward hooks (their release), also when the forward raises, so
+    their host time is inside it. (transformers' gradient checkpointing recomputes a block's `forward` inside the
+    backward without its hooks: no range there.)"""
     from torch.profiler import record_function
 
-    from .distributed import fsdp_layer_classes
+    from .distributed import class_name, fsdp_layer_classes
 
     blocks = set(fsdp_layer_classes(model))
-    open_ranges: dict[tuple[int, int], list[Any]] = collections.defaultdict(list)  # (module, thread): stack
+    spans: dict[int, list[Any]] = collections.defaultdict(list)  # module id: its open ranges (a re-entered module)
 
-    def enter(module, args):
-        phase = "forward" if threading.current_thread() is threading.main_thread() else "recompute"
-        span = record_function(f"{ANNOTATION}{phase} {type(module).__name__}")
-        span.__enter__()
-        open_ranges[id(module), threading.get_ident()].append(span)
+    def hooks(name: str) -> tuple[Callable, Callable]:
+        def enter(module, args):
+            span = record_function(f"{ANNOTATION}{name}")
+            span.__enter__()
+            spans[id(module)].append(span)
 
-    def leave(module, args, output):
-        stack = open_ranges.get((id(module), threading.get_ident()))
-        if stack:
-            stack.pop().__exit__(None, None, None)
+        def leave(module, args, output):
+            if spans[id(module)]:
+                spans[id(module)].pop().__exit__(None, None, None)
+
+        return enter, leave
 
     handles = []
     for module in model.modules():
-        if module is model or type(module).__name__ in blocks:
+        if module is model or class_name(module) in blocks:
+            enter, leave = hooks(class_name(module))
             handles.append(module.register_forward_pre_hook(enter, prepend=True))
-            handles.append(module.register_forward_hook(leave))
+            handles.append(module.register_forward_hook(leave, always_call=True))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for stack in open_ranges.values():
-            while stack:
-                stack.pop().__exit__(None, None, None)
 
 
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
@@ -261,9 +260,10 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
     """Where the GPU waited for the host: each gap of at least `min_gap` (same unit as the times, the profiler's
     microseconds) between the kernels, labelled by what the host was running at the gap's middle: the innermost
     profiled operator running then on any thread (the latest started), as `"outermost > innermost"` (with the
-    innermost `annotate_forward` range between them where it is neither), or `"(no operator: Python)"`. Returns
-    (label, total gap time, gaps), longest total first. `host_ops` need `name`, `time_range.start` / `.end`,
-    `cpu_parent` and `thread` (a profiler's `FunctionEvent`s, nested per thread)."""
+    innermost `"trl_rejection: "` range enclosing the innermost operator between them, unless that operator is one
+    or the range is the outermost), or `"(no operator: Python)"`. Returns (label, total gap time, gaps), longest
+    total first. `host_ops` need `name`, `time_range.start` / `.end`, `cpu_parent` and `thread` (a profiler's
+    `FunctionEvent`s, nested per thread)."""
     busy = _union(kernels)
     threads: dict[Any, list[Any]] = collections.defaultdict(list)
     for op in host_ops:
@@ -293,7 +293,8 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
             chain = [inner]
             while chain[-1].cpu_parent is not None:
                 chain.append(chain[-1].cpu_parent)
-            marked = next((e for e in chain[1:-1] if e.name.startswith(ANNOTATION)), None)
+            marked = None if inner.name.startswith(ANNOTATION) else \
+                next((e for e in chain[1:-1] if e.name.startswith(ANNOTATION)), None)
             label = " > ".join(e.name for e in (chain[-1], marked, inner) if e is not None) if len(chain) > 1 \
                 else inner.name
         totals[label] += gap_end - gap_start

@@ -22,13 +22,23 @@ ZERO3_DEFAULTS = {"overlap_comm": True, "stage3_max_live_parameters": 1e9, "stag
 """ZeRO-3 settings filled in where the user's DeepSpeed config leaves them out (or "auto")."""
 
 
+def class_name(module: torch.nn.Module) -> str:
+    """The module's class name; for a module FSDP2 has sharded (`fully_shard` gives it a new class, `FSDP<Class>`,
+    that subclasses `FSDPModule` and its own class), the name of its own class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        return next(base for base in type(module).__bases__ if base is not FSDPModule).__name__
+    return type(module).__name__
+
+
 def fsdp_layer_classes(model: torch.nn.Module) -> list[str]:
     """The block classes sharded (FSDP) or fetched (ZeRO-3) one by one for this model: every `_no_split_modules`
     entry of the model and of its sub-models that occurs in it, e.g. `CLIPEncoderLayer`, `CLIPVisionEmbeddings` and
     `LlamaDecoderLayer` for LLaVA-1.5, `Qwen2_5_VLDecoderLayer` and `Qwen2_5_VLVisionBlock` for Qwen2.5-VL. (A
     composite model's own list also names parts it does not hold, such as LLaVA's `CLIPTextEmbeddings`, which
-    accelerate then cannot find.)"""
-    present = {type(m).__name__ for m in model.modules()}
+    accelerate then cannot find.) A module FSDP2 has sharded (class `FSDPLlamaDecoderLayer`) counts as its own class."""
+    present = {class_name(m) for m in model.modules()}
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
