@@ -48,9 +48,10 @@ Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for the
     fsdp      fsdp.yaml (FSDP2), 2 x 16               zero3  zero3.yaml, 2 x 16
 A suffix `_ckpt` adds `--save_strategy steps --save_steps 5` (sharded checkpoints at step 5 and 10); `_resume`
 resumes that run's output directory from checkpoint-5 (losses of steps 6-10 must equal the uninterrupted run's);
-`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all), in its own output directory; `_spy` (on a
-plain run only) samples every process's Python stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing
-them) into $OUT/<run>.pyspy.txt.gz (collapsed stacks; `bench/pyspy_summary.py` sums them by function).
+`_prof` profiles steps 5-7 of that run (as PROFILE=5-7 does for all; profiled runs get 90 s more than RUN_TIMEOUT to
+write their profiles), in its own output directory; `_spy` (on a plain run only) samples every process's Python
+stacks with py-spy ($PYSPY, else py-spy on PATH; 200 Hz, not pausing them) into $OUT/<run>.pyspy.txt.gz (collapsed
+stacks; `bench/pyspy_summary.py` sums them by function).
 
 PROFILE=5-7: runs also profile those optimizer steps (`--profile_steps`; each process's top kernels, seconds a step and
 GPU-busy share go into the run's JSON line, tables in <run>/profile/); the profiled steps' overhead skews tokens/s.
@@ -88,6 +89,7 @@ ROWS = int(os.environ.get("ROWS", "320"))
 WARM = int(os.environ.get("WARM", "3"))
 STEPS = os.environ.get("STEPS")  # optimizer steps a run (the config's 10 if unset); needs ROWS >= GLOBAL x STEPS
 TIMEOUT = int(os.environ.get("RUN_TIMEOUT", "400"))
+PROFILE_TIMEOUT = 90  # seconds a profiled run gets on top of RUN_TIMEOUT: writing its profiles takes tens of seconds
 GLOBAL = int(os.environ.get("GLOBAL", "32"))  # global batch of every run; RUNS' accumulation is given for 32
 if GLOBAL <= 0 or GLOBAL % 32:
     sys.exit(f"GLOBAL={GLOBAL}: give a positive multiple of 32 (RUNS' accumulation steps are scaled by GLOBAL / 32)")
@@ -223,12 +225,13 @@ def start(name: str, gpu: int | None = None) -> subprocess.Popen:
 def run_group(group: str) -> list[dict]:
     """One run, or runs joined by "+" side by side, one per GPU (1-GPU runs for losses, not for timing)."""
     names = group.split("+")
+    limit = TIMEOUT + (PROFILE_TIMEOUT if PROFILE or any(name.endswith("_prof") for name in names) else 0)
     t0 = time.perf_counter()
     procs = [start(name, gpu=i if len(names) > 1 else None) for i, name in enumerate(names)]
     records = []
     for name, proc in zip(names, procs):
         try:
-            text, _ = proc.communicate(timeout=max(1.0, TIMEOUT - (time.perf_counter() - t0)))
+            text, _ = proc.communicate(timeout=max(1.0, limit - (time.perf_counter() - t0)))
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             proc.kill()
