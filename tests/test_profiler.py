@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_rejection.callbacks import (HostSyncRecorder, StepProfiler, annotate_forward, busy_fraction,
-                                     communication_split, device_kernels, idle_gaps, parse_step_range)
+                                     collectives_by_range, communication_split, device_kernels, idle_gaps,
+                                     parse_step_range)
 
 
 def test_step_ranges_parse_or_fail_with_what_is_wrong():
@@ -82,6 +83,7 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     assert summary["compute_busy"] is None and summary["communication_only_ms_per_step"] == 0
     assert summary["host_syncs_per_step"] == []  # (CUDA's sync debug mode reports them)
     assert summary["idle_ms_per_step_by_host_op"] == []  # no kernels
+    assert summary["collectives_per_step_by_range"] == []  # one process
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("steps 2-3,") and "aten::mm" in table
     late = StepProfiler(3, 9, tmp_path / "late", rank=0)  # the run ends at step 4: steps 3-4 are written
@@ -220,6 +222,31 @@ def test_idle_gaps_name_the_innermost_annotated_block_between_the_outermost_and_
         ("trl_rejection: training_step > trl_rejection: PeftModel", 270, 1),
         ("trl_rejection: training_step > trl_rejection: CLIPEncoderLayer", 230, 1),
         ("trl_rejection: training_step > trl_rejection: LlamaDecoderLayer > aten::copy_", 80, 1)]
+
+
+def test_collectives_are_counted_once_by_the_range_that_issued_them():
+    from types import SimpleNamespace as NS
+
+    def op(name, parent=None):
+        return NS(name=name, cpu_parent=parent)
+
+    step = op("trl_rejection: training_step")
+    model = op("trl_rejection: PeftModelForCausalLM", step)
+    block = op("trl_rejection: LlamaDecoderLayer", model)
+    hook = op("FSDP::pre_forward", block)
+    gather = op("c10d::_allgather_base_", hook)
+    backward = op("autograd::engine::evaluate_function: MmBackward0")
+    ops = [step, model, block, hook, gather, op("record_param_comms", gather),
+           op("c10d::_allgather_base_", op("FSDP::pre_forward", op("trl_rejection: LlamaDecoderLayer", model))),
+           op("c10d::_allgather_base_", model),  # in the model's forward, outside any block (the LM head)
+           op("c10d::_reduce_scatter_base_", op("FSDP::post_backward", backward)),
+           op("c10d::allreduce_", op("c10d::barrier")),  # inside another collective: not counted again
+           op("c10d::barrier"), op("c10d::allreduce_")]
+    assert collectives_by_range(ops) == [
+        ("trl_rejection: LlamaDecoderLayer > c10d::_allgather_base_", 2),
+        ("trl_rejection: PeftModelForCausalLM > c10d::_allgather_base_", 1),
+        ("autograd::engine::evaluate_function: MmBackward0 > c10d::_reduce_scatter_base_", 1),
+        ("(top level) > c10d::barrier", 1), ("(top level) > c10d::allreduce_", 1)]
 
 
 def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hooks():

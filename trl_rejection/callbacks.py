@@ -129,9 +129,10 @@ class StepProfiler(TrainerCallback):
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
     `<out_dir>/rank<N>.json` (seconds per step after a device sync, the share of that time the GPU ran kernels and
     compute kernels, the time a step only communication kernels ran (`communication_split`), the top kernels in
-    milliseconds per step, the GPU's idle time a step by what the host ran meanwhile (`idle_gaps`; the model and its
-    blocks are marked by `annotate_forward`, so a gap names the block the host was in), and on CUDA
-    the host synchronisations a step by call site)."""
+    milliseconds per step, the collective calls a step by where they were issued (`collectives_by_range`), the GPU's
+    idle time a step by what the host ran meanwhile (`idle_gaps`; the model and its blocks are marked by
+    `annotate_forward`, so a gap names the block the host was in), and on CUDA the host synchronisations a step by
+    call site)."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
         self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
@@ -201,6 +202,8 @@ class StepProfiler(TrainerCallback):
                                             for e in top],
                        idle_ms_per_step_by_host_op=[(label, round(us / 1e3 / steps, 2), round(n / steps, 2))
                                                     for label, us, n in idle_gaps(kernels, host_ops)[:12]],
+                       collectives_per_step_by_range=[(label, round(n / steps, 2))
+                                                      for label, n in collectives_by_range(host_ops)[:15]],
                        host_syncs_per_step=[(site, round(n / steps, 2)) for site, n in self._syncs.counts.most_common()])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -253,6 +256,28 @@ def annotate_forward(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def collectives_by_range(host_ops: list[Any]) -> list[tuple[str, int]]:
+    """The collective calls (`c10d::` operators, each counted once: not those inside another) by where the host issued
+    them, `"<range> > <operator>"`: the innermost `"trl_rejection: "` range enclosing the call (the block whose hooks
+    gathered parameters, for one), else its outermost operator (a backward's `autograd::engine::...`), else
+    `"(top level)"`. Most calls first. `host_ops` need `name` and `cpu_parent`."""
+    counts: collections.Counter[str] = collections.Counter()
+    for op in host_ops:
+        if not op.name.startswith("c10d::"):
+            continue
+        chain = []
+        parent = op.cpu_parent
+        while parent is not None:
+            chain.append(parent)
+            parent = parent.cpu_parent
+        if any(e.name.startswith("c10d::") for e in chain):
+            continue
+        marked = next((e for e in chain if e.name.startswith(ANNOTATION)), None)
+        where = marked or (chain[-1] if chain else None)
+        counts[f"{where.name if where else '(top level)'} > {op.name}"] += 1
+    return counts.most_common()
 
 
 def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
