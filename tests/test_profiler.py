@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -240,13 +241,34 @@ def test_collectives_are_counted_once_by_the_range_that_issued_them():
            op("c10d::_allgather_base_", op("FSDP::pre_forward", op("trl_rejection: LlamaDecoderLayer", model))),
            op("c10d::_allgather_base_", model),  # in the model's forward, outside any block (the LM head)
            op("c10d::_reduce_scatter_base_", op("FSDP::post_backward", backward)),
-           op("c10d::allreduce_", op("c10d::barrier")),  # inside another collective: not counted again
+           op("c10d::allreduce_", op("record_param_comms", op("c10d::barrier"))),  # inside another: not again
            op("c10d::barrier"), op("c10d::allreduce_")]
     assert collectives_by_range(ops) == [
         ("trl_rejection: LlamaDecoderLayer > c10d::_allgather_base_", 2),
         ("trl_rejection: PeftModelForCausalLM > c10d::_allgather_base_", 1),
         ("autograd::engine::evaluate_function: MmBackward0 > c10d::_reduce_scatter_base_", 1),
         ("(top level) > c10d::barrier", 1), ("(top level) > c10d::allreduce_", 1)]
+
+
+def test_collectives_of_a_real_process_group_are_found_under_the_block_that_issued_them(tmp_path):
+    import torch.distributed as dist
+    from torch.profiler import profile
+
+    from trl_rejection.testing.tiny import make_model, make_processor
+
+    model = make_model("llava-1.5", make_processor("llava-1.5"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fetch = model.model.language_model.layers[1].register_forward_pre_hook(  # stands for a ZeRO-3 fetch
+            lambda module, args: dist.all_reduce(torch.ones(2)), prepend=True)
+        with profile() as prof, annotate_forward(model):
+            model(input_ids=torch.tensor([[1, 5, 6, 7, 8]]))
+            dist.barrier()
+        fetch.remove()
+    finally:
+        dist.destroy_process_group()
+    counts = dict(collectives_by_range([e for e in prof.events() if e.device_type.name == "CPU"]))
+    assert counts == {"trl_rejection: LlamaDecoderLayer > c10d::allreduce_": 1, "(top level) > c10d::barrier": 1}
 
 
 def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hooks():
@@ -291,6 +313,10 @@ def test_annotate_forward_marks_the_model_and_each_block_around_their_other_hook
         assert event.cpu_parent.cpu_parent.name == "trl_rejection: LlavaForConditionalGeneration"
 
 
+class FSDPStyleName(torch.nn.Module):
+    pass
+
+
 def test_annotate_forward_finds_the_blocks_fsdp2_has_sharded(tmp_path):
     import torch
     import torch.distributed as dist
@@ -311,6 +337,7 @@ def test_annotate_forward_finds_the_blocks_fsdp2_has_sharded(tmp_path):
         fully_shard(model, mesh=mesh)
         assert type(model).__name__ == "FSDPLlavaForConditionalGeneration"
         assert class_name(model) == "LlavaForConditionalGeneration"
+        assert class_name(FSDPStyleName()) == "FSDPStyleName"  # a name alone does not make a sharded module
         assert fsdp_layer_classes(model) == blocks  # the sharded blocks count as their own classes
         with profile() as prof, annotate_forward(model):
             model(input_ids=torch.tensor([[1, 5, 6, 7, 8]]))

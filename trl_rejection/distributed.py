@@ -24,11 +24,11 @@ ZERO3_DEFAULTS = {"overlap_comm": True, "stage3_max_live_parameters": 1e9, "stag
 
 def class_name(module: torch.nn.Module) -> str:
     """The module's class name; for a module FSDP2 has sharded (`fully_shard` gives it a new class, `FSDP<Class>`,
-    that subclasses `FSDPModule` and its own class), the name of its own class."""
+    that subclasses `FSDPModule`, or a subclass of it, and its own class), the name of its own class."""
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(module, FSDPModule):
-        return next(base for base in type(module).__bases__ if base is not FSDPModule).__name__
+        return next(base for base in type(module).__bases__ if not issubclass(base, FSDPModule)).__name__
     return type(module).__name__
 
 
