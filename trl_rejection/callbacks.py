@@ -204,7 +204,8 @@ class StepProfiler(TrainerCallback):
                                                     for label, us, n in idle_gaps(kernels, host_ops)[:12]],
                        collectives_per_step_by_range=[(label, round(n / steps, 2))
                                                       for label, n in collectives_by_range(host_ops)[:15]],
-                       host_syncs_per_step=[(site, round(n / steps, 2)) for site, n in self._syncs.counts.most_common()])
+                       host_syncs_per_step=[(site, round(n / steps, 2))
+                                            for site, n in self._syncs.counts.most_common()])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
