@@ -187,6 +187,23 @@ def test_two_gpus_train_with_auto_checkpointing(tmp_path, config):
     assert len(kept) == 4 and kept[:2] == [0, 1] and all(k is not None and k >= 1 for k in kept[2:]), kept
 
 
+@pytest.mark.parametrize("config", ["fsdp", "zero3"])
+def test_profiles_of_sharded_steps_count_the_gathers_under_the_blocks_that_issued_them(tmp_path, config):
+    """`--profile_steps` under FSDP2 and ZeRO-3 on 2 GPUs: every process writes its profile of the chosen steps, the
+    GPU's busy share is a share (the device-side spans of profiler ranges, which cover idle time, are not counted as
+    kernels), and the all-gathers are counted under the block ranges whose hooks issued them (`annotate_forward`
+    finds FSDP2's renamed blocks and encloses DeepSpeed's fetch hooks)."""
+    _needs(config)
+    launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "3", "--mix", SMALL_MIX, "--eval_bundled",
+           "false", "--save_strategy", "no", "--profile_steps", "2-3")
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / config / "profile" / f"rank{rank}.json").read_text())
+        assert summary["steps"] == 2 and summary["rank"] == rank
+        assert 0 < summary["compute_busy"] <= summary["gpu_busy"] < 1, summary
+        issued = dict(summary["collectives_per_step_by_range"])
+        assert any(label.startswith("trl_rejection: LlamaDecoderLayer > c10d::") for label in issued), issued
+
+
 LAYER_NORM_PROBE = """import json, os, torch
 seen = set()
 def record(module, args, output):  # the dtype each LayerNorm of the model returns while training
