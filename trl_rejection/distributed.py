@@ -25,6 +25,8 @@ ZERO3_DEFAULTS = {"overlap_comm": True, "stage3_max_live_parameters": 1e9, "stag
 def class_name(module: torch.nn.Module) -> str:
     """The module's class name; for a module FSDP2 has sharded (`fully_shard` gives it a new class, `FSDP<Class>`,
     that subclasses `FSDPModule`, or a subclass of it, and its own class), the name of its own class."""
+    if not torch.distributed.is_available():  # a torch build without distributed support: nothing is sharded
+        return type(module).__name__
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(module, FSDPModule):
