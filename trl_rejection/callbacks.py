@@ -110,7 +110,12 @@ def device_kernels(events: list[Any], device_type: Any) -> list[tuple[str, float
     `record_function` ranges (`is_user_annotation`: on CUDA, a range such as `annotate_forward`'s spans every kernel
     it launched, gaps included, and would count as a busy GPU)."""
     return [(e.name, e.time_range.start, e.time_range.end) for e in events
-            if e.device_type == device_type and not getattr(e, "is_user_annotation", False)]
+            if e.device_type == device_type and not _is_annotation(e)]
+
+
+def _is_annotation(event: Any) -> bool:
+    """Whether a profiler event (or average) is the device-side span of a `record_function` range."""
+    return bool(getattr(event, "is_user_annotation", False))
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
@@ -188,7 +193,7 @@ class StepProfiler(TrainerCallback):
 
         steps = last - self.first + 1
         averages = self._profiler.key_averages()
-        gpu = [e for e in averages if e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)]
+        gpu = [e for e in averages if e.self_device_time_total > 0 and not _is_annotation(e)]
         events = self._profiler.events()
         named = device_kernels(events, DeviceType.CUDA)
         kernels = [(start, end) for _, start, end in named]
@@ -248,8 +253,9 @@ def annotate_forward(model: torch.nn.Module) -> Iterator[None]:
 
     handles = []
     for module in model.modules():
-        if module is model or class_name(module) in blocks:
-            enter, leave = hooks(class_name(module))
+        name = class_name(module)
+        if module is model or name in blocks:
+            enter, leave = hooks(name)
             handles.append(module.register_forward_pre_hook(enter, prepend=True))
             handles.append(module.register_forward_hook(leave, always_call=True))
     try:
@@ -257,6 +263,14 @@ def annotate_forward(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _ancestors(op: Any) -> list[Any]:
+    """`op` and the operators enclosing it (its `cpu_parent` chain), innermost first."""
+    chain = [op]
+    while chain[-1].cpu_parent is not None:
+        chain.append(chain[-1].cpu_parent)
+    return chain
 
 
 def collectives_by_range(host_ops: list[Any]) -> list[tuple[str, int]]:
@@ -268,11 +282,7 @@ def collectives_by_range(host_ops: list[Any]) -> list[tuple[str, int]]:
     for op in host_ops:
         if not op.name.startswith("c10d::"):
             continue
-        chain = []
-        parent = op.cpu_parent
-        while parent is not None:
-            chain.append(parent)
-            parent = parent.cpu_parent
+        chain = _ancestors(op)[1:]
         if any(e.name.startswith("c10d::") for e in chain):
             continue
         marked = next((e for e in chain if e.name.startswith(ANNOTATION)), None)
@@ -316,9 +326,7 @@ def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[Any],
             label = "(no operator: Python)"
         else:
             inner = max(running, key=lambda e: e.time_range.start)
-            chain = [inner]
-            while chain[-1].cpu_parent is not None:
-                chain.append(chain[-1].cpu_parent)
+            chain = _ancestors(inner)
             marked = None if inner.name.startswith(ANNOTATION) else \
                 next((e for e in chain[1:-1] if e.name.startswith(ANNOTATION)), None)
             label = " > ".join(e.name for e in (chain[-1], marked, inner) if e is not None) if len(chain) > 1 \
