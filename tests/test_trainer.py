@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import sys
 import types
-from pathlib import Path
 
 import datasets
 import pytest
@@ -495,8 +491,7 @@ def test_split_loss_sums_stay_on_the_device_until_the_log_sums_them_over_the_pro
     reduced = []
 
     def two_processes(tensor, reduction):  # a second process with the same sums
-        if tensor.dim() == 1:  # not the training metrics' rows (`_flush_token_metrics`)
-            reduced.append((tensor.clone(), reduction))
+        reduced.append((tensor.clone(), reduction))
         return tensor * 2
 
     monkeypatch.setattr(trainer.accelerator, "reduce", two_processes)
@@ -544,147 +539,3 @@ def test_batches_move_to_the_device_without_a_host_wait(tmp_path):
     assert config(tmp_path, dataloader_pin_memory=False).accelerator_config.non_blocking is False  # nothing pinned
     with pytest.raises(ValueError, match="neither a JSON object nor a readable JSON file"):
         config(tmp_path, accelerator_config=str(tmp_path / "missing.json"))
-
-
-def _log_history(deferred: bool, tmp_path, data: datasets.Dataset, eval_data: datasets.Dataset | None = None,
-                 **kw) -> list[dict]:
-    """The logs of a tiny LLaVA run, its training metrics deferred to `log` or TRL's (`_defers_metrics` off); the
-    timings left out. A deferred run must take the deferred path on every training micro-batch."""
-    proc = make_processor("llava-1.5")
-    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path / str(deferred), **kw),
-                                  train_dataset=data, eval_dataset=eval_data, processing_class=proc)
-    kept = []
-    if deferred:
-        keep = trainer._keep_token_metrics
-        trainer._keep_token_metrics = lambda *a: kept.append(keep(*a))
-    else:
-        trainer._defers_metrics = lambda return_outputs: False
-    trainer.train()
-    steps = trainer.state.global_step * trainer.args.gradient_accumulation_steps
-    assert len(kept) == (steps if deferred else 0), (len(kept), steps)
-    timings = ("runtime", "per_second", "data_wait")
-    return [{k: v for k, v in h.items() if not any(t in k for t in timings)} for h in trainer.state.log_history]
-
-
-@pytest.mark.parametrize("kw", [dict(padding_free=False), dict(), dict(logging_steps=2),
-                                dict(padding_free=False, logging_steps=2, eval_strategy="steps", eval_steps=3)],
-                         ids=["padded", "padding-free", "log-every-2", "padded-log-every-2-eval-every-3"])
-def test_deferred_metrics_log_what_trl_logs(tmp_path, kw):
-    """Training micro-batches keep TRL's entropy / token accuracy / token count sums on the device and `log` turns
-    them into TRL's metrics: every log (loss, entropy, mean_token_accuracy, the cumulative num_tokens, the metrics of
-    the last, partial logging window at the end of training, an evaluation's eval_num_tokens between two logs)
-    equals TRL's own."""
-    args = dict(max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                per_device_eval_batch_size=2, **kw)
-    eval_data = mix(3, 2) if "eval_strategy" in kw else None
-    deferred, trl = (_log_history(d, tmp_path, mix(), eval_data, **args) for d in (True, False))
-    assert deferred == trl
-    tokens = {h["step"]: h["num_tokens"] for h in deferred if "num_tokens" in h}
-    assert list(tokens.values()) == sorted(set(tokens.values())) and all("entropy" in h for h in deferred
-                                                                         if "num_tokens" in h)
-    if kw.get("logging_steps") == 2:
-        assert list(tokens) == ([2, 4] if eval_data else [2, 4, 5])  # step 5: in the log at the end of training
-    if eval_data is not None:
-        at_3 = next(h["eval_num_tokens"] for h in deferred if h["step"] == 3 and "eval_num_tokens" in h)
-        assert tokens[2] < at_3 < tokens[4]  # step 3's tokens, not logged yet, already counted
-
-
-@pytest.mark.parametrize("padding_free", [True, False])
-def test_training_micro_batches_make_no_host_sync_and_no_collective(tmp_path, monkeypatch, padding_free):
-    """Outside the model's forward, a training micro-batch's `compute_loss` reads no device tensor on the host and
-    gathers nothing (TRL's makes 3 host reads and 4 all-gathers); `log` sums the kept rows over the processes in
-    one `reduce` (a log with nothing kept, none), and the first evaluation micro-batch does so for TRL's
-    `eval_num_tokens`, which counts the training tokens so far."""
-    proc = make_processor("llava-1.5")
-    trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=config(tmp_path, padding_free=padding_free),
-                                  train_dataset=mix(), processing_class=proc)
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batches = [trainer.data_collator(rows[:4]), trainer.data_collator(rows[4:])]
-    tokens = sum(b["position_ids"].size(1) if padding_free else int(b["attention_mask"].sum()) for b in batches)
-    calls: list[str] = []
-    in_forward = []
-    trainer.model.register_forward_pre_hook(lambda *a: in_forward.append(True))
-    trainer.model.register_forward_hook(lambda *a: in_forward.clear())
-
-    def counted(name, original):
-        def call(*args, **kwargs):
-            if not in_forward:
-                calls.append(name)
-            return original(*args, **kwargs)
-        return call
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    for name in ("gather_for_metrics", "gather", "reduce"):
-        monkeypatch.setattr(trainer.accelerator, name, counted(name, getattr(trainer.accelerator, name)))
-
-    def micro_batches(deferred: bool) -> list[str]:
-        trainer._defers_metrics = lambda return_outputs: deferred and trainer.model.training
-        calls.clear()
-        trainer.model.train()
-        for batch in batches:
-            trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(30))
-        return list(calls)
-
-    trl = micro_batches(False)
-    assert trl.count("gather_for_metrics") == 8 and trl.count("item") == 6, trl
-    assert micro_batches(True) == []
-    trainer.log({"loss": 1.0})
-    assert calls[:2] == ["reduce", "tolist"] and "gather" not in calls, calls
-    assert calls.count("reduce") == 2  # the kept rows', then the split losses' (`_pop_split_loss`)
-    assert trainer.state.log_history[-1]["num_tokens"] == 2 * tokens
-    calls.clear()
-    trainer.log({"loss": 1.0})
-    assert "reduce" not in calls
-    micro_batches(True)
-    calls.clear()
-    trainer.model.eval()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, dict(batches[0]))
-        trainer.compute_loss(trainer.model, dict(batches[1]))
-    assert calls.count("reduce") == 1 and calls.count("gather_for_metrics") == 6  # TRL's own, in evaluation
-    assert trainer._metrics["eval"]["num_tokens"] == [trainer._total_train_tokens] == [3 * tokens]
-
-
-def _two_process_worker(rank: int, port: int, out: str) -> None:
-    from trl_rejection.distributed import end_process_group
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    proc = make_processor("llava-1.5")
-    result = {}
-    for deferred in (True, False):
-        args = config(Path(out) / str(deferred), max_steps=3, per_device_train_batch_size=2, padding_free=False)
-        trainer = RejectionSFTTrainer(make_model("llava-1.5", proc), args=args, train_dataset=mix(6, 3),
-                                      processing_class=proc)
-        kept = []
-        if deferred:
-            gathered = trainer._gathered_processes
-            trainer._gathered_processes = lambda: kept.append(gathered()) or kept[-1]
-        else:
-            trainer._defers_metrics = lambda return_outputs: False
-        trainer.train()
-        result[str(deferred)] = {"kept": kept, "logs": [{k: v for k, v in h.items() if k in (
-            "step", "loss", "entropy", "mean_token_accuracy", "num_tokens", "loss_refusal", "loss_normal")}
-            for h in trainer.state.log_history]}
-    end_process_group()
-    Path(f"{out}.{rank}").write_text(json.dumps(result))
-
-
-def test_two_processes_log_the_metrics_trl_logs(tmp_path):
-    """Two gloo processes (DDP on CPU), 9 rows in batches of 2 a process: every step's entropy, token accuracy and
-    token count, summed over the processes at the log, equal TRL's gathered ones, on both processes; the last step
-    included, where TRL's `gather_for_metrics` keeps only the first process's values (the dataset's remainder of
-    1 row taken for a number of processes)."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_process_worker, args=(port, str(tmp_path / "out")), nprocs=2)
-    results = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
-    for result in results:
-        assert result["True"]["logs"] == result["False"]["logs"] == results[0]["False"]["logs"]
-        assert result["True"]["kept"] == [2, 2, 1]  # the last step: at the end of the dataloader, remainder 1
-    logs = [h for h in results[0]["True"]["logs"] if "loss" in h]
-    assert [h["step"] for h in logs] == [1, 2, 3] and all("entropy" in h for h in logs)

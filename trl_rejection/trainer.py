@@ -81,9 +81,6 @@ class RejectionSFTTrainer(SFTTrainer):
     - the default collator is [`RejectionDataCollator`]: normal rows are supervised on every assistant reply and its
       end-of-turn token; refusal rows only on the leading refusal tokens, never on their end-of-turn/EOS token;
     - logs `loss_refusal`, `loss_normal`, `refusal_tokens` and `normal_tokens` beside the usual loss;
-    - logs TRL's `entropy`, `mean_token_accuracy` and `num_tokens` with TRL's values, but keeps those of the training
-      micro-batches on the device and sums them over the processes once per log (TRL gathers them from every
-      process and reads them on the host each micro-batch, between its forward and backward);
     - puts the projector's parameters in their own optimizer parameter groups when `projector_lr` is set;
     - `padding_free` batches for vision-language models with SDPA (rows concatenated by the collator, attention kept
       within rows by the `"sdpa_varlen"` attention of `trl_rejection.attention`), and
@@ -209,10 +206,6 @@ class RejectionSFTTrainer(SFTTrainer):
                          formatting_func=formatting_func)
         self.padding_free = padding_free
         self._split_sums: dict[str, tuple[torch.Tensor, int]] = {}  # mode -> (on-device sums, micro-batches)
-        self._token_metrics: list[torch.Tensor] = []  # `_keep_token_metrics` rows of the training micro-batches
-        parallelism = self.accelerator.parallelism_config  # Ulysses: TRL's model-reduced loss, left to TRL
-        self._ulysses = getattr(parallelism, "sp_backend", None) == "deepspeed" \
-            and bool(getattr(parallelism, "sp_enabled", False))
         self._fsdp2_units_gathered = False
         if padding_free:
             use_varlen_attention(self.model)
@@ -330,103 +323,23 @@ class RejectionSFTTrainer(SFTTrainer):
         is_refusal = inputs.pop("is_refusal", None)
         if self.padding_free:
             inputs = mrope_packed_inputs(self._rope_module, inputs)
-        if self._token_metrics and not self.model.training:  # TRL's evaluation `num_tokens` reads the train count
-            self._flush_token_metrics()
-        with record_function(f"{ANNOTATION}compute_loss"):
-            if self._defers_metrics(return_outputs):
-                result, outputs = self._fused_loss(model, inputs, num_items_in_batch)
-            else:
-                result, outputs = self._trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if is_refusal is not None and outputs is not None:
-            rows = token_row_index(inputs, inputs["labels"].shape)
-            self._log_split_loss(outputs, inputs["labels"], is_refusal, rows)
-        return result
-
-    def _trl_compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool,
-                          num_items_in_batch: Any) -> tuple[Any, Any]:
-        """`SFTTrainer.compute_loss`, and the output of the model's last forward in it (None if none ran).
-
-        TRL's loss forward (fused LM head: per-token `log_probs`, no logits) is read with a hook: asking
-        `compute_loss` for the outputs would run a second forward to rebuild the logits.
-        """
         captured: dict[str, Any] = {}
-        handle = model.register_forward_hook(lambda module, args, kwargs, output: captured.update(out=output),
-                                             with_kwargs=True)
+
+        def keep_output(module, args, kwargs, output):
+            captured["out"] = output
+
+        # TRL's loss forward (fused LM head: per-token `log_probs`, no logits) is read with a hook: asking
+        # `compute_loss` for the outputs would run a second forward to rebuild the logits.
+        handle = model.register_forward_hook(keep_output, with_kwargs=True)
         try:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with record_function(f"{ANNOTATION}compute_loss"):
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             handle.remove()
-        return result, captured.get("out")
-
-    def _defers_metrics(self, return_outputs: bool) -> bool:
-        """Whether `compute_loss` takes `_fused_loss`: a training micro-batch whose loss is TRL's fused-head NLL or
-        DFT (no `compute_loss_func`, label smoothing, MoE auxiliary loss or Ulysses sequence parallelism), without
-        the outputs asked for; every other call is `SFTTrainer.compute_loss`'s."""
-        return (self.model.training and not return_outputs and self.compute_loss_func is None
-                and self.label_smoother is None and self.args.loss_type in ("nll", "dft")
-                and not self.aux_loss_enabled and not self._ulysses)
-
-    def _fused_loss(self, model: torch.nn.Module, inputs: dict[str, Any],
-                    num_items_in_batch: Any) -> tuple[torch.Tensor, Any]:
-        """The loss of `SFTTrainer.compute_loss` for the micro-batches of `_defers_metrics`, op for op, and the model
-        output; its metrics are kept on the device by `_keep_token_metrics` (TRL gathers them from every process and
-        reads them on the host here, each micro-batch), for `log` to finish."""
-        inputs["use_cache"] = False
-        try:
-            outputs = model(**inputs, fused_lm_head=True)
-        except ValueError as e:
-            if "Image features and image tokens do not match" in str(e) and self.args.max_length is not None:
-                raise ValueError(
-                    f"The current `max_length` ({self.args.max_length}) is too short and causes image placeholder "
-                    f"tokens in `input_ids` to be truncated, while the corresponding image features remain intact. "
-                    f"Please increase `max_length` or set it to `None` to disable truncation.") from e
-            raise
-        per_token_loss = -outputs.log_probs
-        if self.args.loss_type == "dft":
-            per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self._keep_token_metrics(outputs, inputs)
-        return loss, outputs
-
-    def _keep_token_metrics(self, outputs: Any, inputs: dict[str, Any]) -> None:
-        """Keep this training micro-batch's `[labelled tokens, entropy sum, top-1 hits, tokens]` on the device, in
-        float64 (no host sync, no collective); zeros on a process whose values TRL's `gather_for_metrics` drops."""
-        mask = outputs.label_mask
-        if "attention_mask" in inputs:
-            tokens = inputs["attention_mask"].sum()
-        elif "position_ids" in inputs:  # padding-free: every position counts (a fill, not a copy from the host)
-            tokens = mask.new_full((), inputs["position_ids"].size(1), dtype=torch.int64)
-        else:
-            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
-        sums = (mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum(), tokens)
-        row = torch.stack([x.to(mask.device, torch.float64) for x in sums])
-        self._token_metrics.append(row if self.accelerator.process_index < self._gathered_processes()
-                                   else torch.zeros_like(row))
-
-    def _gathered_processes(self) -> int:
-        """How many processes' values TRL's `gather_for_metrics` of a scalar keeps now: all, except at the end of a
-        dataloader whose length leaves a remainder, where it keeps the first `remainder` (as if they were samples)."""
-        state, processes = self.accelerator.gradient_state, self.accelerator.num_processes
-        if processes > 1 and state.end_of_dataloader and state.remainder > 0:
-            return min(state.remainder, processes)
-        return processes
-
-    def _flush_token_metrics(self) -> None:
-        """Sum the kept rows over the processes (one collective: every process has run the same training
-        micro-batches, and calls this at the same points) and add, per micro-batch, what TRL's `compute_loss` adds to
-        the training metrics: `entropy` and `mean_token_accuracy` (0.0 without labelled tokens), divided in the
-        dtypes TRL divides in, and the tokens to `num_tokens`."""
-        kept, self._token_metrics = self._token_metrics, []
-        metrics = self._metrics["train"]
-        for valid, entropy, correct, tokens in self.accelerator.reduce(torch.stack(kept), reduction="sum").tolist():
-            valid, count = int(valid), torch.tensor(int(valid))  # TRL divides a float32 sum and an int64 count
-            metrics["entropy"].append((torch.tensor(entropy, dtype=torch.float32) / count).item() if valid else 0.0)
-            metrics["mean_token_accuracy"].append((torch.tensor(int(correct)) / count).item() if valid else 0.0)
-            self._total_train_tokens += int(tokens) // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
+        if is_refusal is not None and "out" in captured:
+            rows = token_row_index(inputs, inputs["labels"].shape)
+            self._log_split_loss(captured["out"], inputs["labels"], is_refusal, rows)
+        return result
 
     def _log_split_loss(self, outputs: Any, labels: torch.Tensor, is_refusal: torch.Tensor,
                         token_rows: torch.Tensor | None) -> None:
@@ -456,8 +369,6 @@ class RejectionSFTTrainer(SFTTrainer):
         return batches
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._token_metrics:
-            self._flush_token_metrics()
         mode = "train" if self.model.training else "eval"
         measured = self._data_wait.pop() if mode == "train" and "loss" in logs else None
         if measured is not None:
