@@ -18,12 +18,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ZERO3_DEFAULTS = {"overlap_comm": True, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
-                  "stage3_param_persistence_threshold": 0}
-"""ZeRO-3 settings filled in where the user's DeepSpeed config leaves them out (or "auto"). No parameter is kept
-gathered as "persistent" (DeepSpeed's default: every one of up to 1e5 elements): DeepSpeed 0.19.8 releases those too at
-each optimizer step and gathers them back one all-gather per parameter, then synchronises the device (314 calls a step
-for LLaVA-1.5-7B: its norms and biases); partitioned, they are gathered with their block in the block's one call."""
+ZERO3_DEFAULTS = {"overlap_comm": True, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
+"""ZeRO-3 settings filled in where the user's DeepSpeed config leaves them out (or "auto")."""
 
 
 def class_name(module: torch.nn.Module) -> str:
