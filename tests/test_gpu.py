@@ -192,10 +192,10 @@ def test_profiles_of_sharded_steps_count_the_gathers_under_the_blocks_that_issue
     """`--profile_steps` under FSDP2 and ZeRO-3 on 2 GPUs: every process writes its profile of the chosen steps, the
     GPU's busy share is a share (the device-side spans of profiler ranges, which cover idle time, are not counted as
     kernels), and the all-gathers are counted under the block ranges whose hooks issued them (`annotate_forward`
-    finds FSDP2's renamed blocks and encloses DeepSpeed's fetch hooks). ZeRO-3 is profiled from step 1, before
-    DeepSpeed has recorded its trace of the modules: each block then fetches its own parameters. In steps 2-3 this
-    tiny model's all-gathers (96 a step on 2 x H200) were all issued outside the block ranges (`training_step` level),
-    so the check found none under a block there."""
+    finds FSDP2's renamed blocks and encloses DeepSpeed's fetch hooks). ZeRO-3 is profiled from step 1: every
+    parameter of this tiny model is under DeepSpeed's persistence threshold (1e5 elements), so once DeepSpeed has
+    recorded its trace (step 2 on) its blocks fetch nothing, and its only all-gathers are the per-parameter re-gathers
+    of the persistent parameters after each optimizer step (96 a step on 2 x H200, at `training_step` level)."""
     _needs(config)
     steps = "1-2" if config == "zero3" else "2-3"
     launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "3", "--mix", SMALL_MIX, "--eval_bundled",
