@@ -194,8 +194,9 @@ def test_profiles_of_sharded_steps_count_the_gathers_under_the_blocks_that_issue
     kernels), and the all-gathers are counted under the block ranges whose hooks issued them (`annotate_forward`
     finds FSDP2's renamed blocks and encloses DeepSpeed's fetch hooks). ZeRO-3 is profiled from step 1: every
     parameter of this tiny model is under DeepSpeed's persistence threshold (1e5 elements), so once DeepSpeed has
-    recorded its trace (step 2 on) its blocks fetch nothing, and its only all-gathers are the per-parameter re-gathers
-    of the persistent parameters after each optimizer step (96 a step on 2 x H200, at `training_step` level)."""
+    recorded its trace (step 2 on) its blocks fetch nothing; its all-gathers are then the per-parameter re-gathers of
+    the persistent parameters after each optimizer step (96 a step on 2 x H200, at `training_step` level) and TRL's
+    metric gathers in `compute_loss`."""
     _needs(config)
     steps = "1-2" if config == "zero3" else "2-3"
     launch(tmp_path, config, 2, "--output_dir", config, "--max_steps", "3", "--mix", SMALL_MIX, "--eval_bundled",
