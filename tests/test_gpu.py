@@ -208,6 +208,8 @@ def test_profiles_of_sharded_steps_count_the_gathers_under_the_blocks_that_issue
         issued = dict(summary["collectives_per_step_by_range"])
         assert any(label.startswith("trl_rejection: LlamaDecoderLayer > c10d::") for label in issued), \
             (config, rank, issued)
+        assert summary["trace_start_unix_ns"] > 0 and summary["idle_spans_ms"], summary["idle_spans_ms"]
+        assert all(a < b for a, b in summary["idle_spans_ms"] + summary["communication_only_spans_ms"])
 
 
 LAYER_NORM_PROBE = """import json, os, torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from trl_rejection.callbacks import (HostSyncRecorder, StepProfiler, annotate_forward, busy_fraction,
                                      collectives_by_range, communication_split, device_kernels, idle_gaps,
+                                     timeline_spans,
                                      parse_step_range)
 
 
@@ -50,6 +52,28 @@ def test_communication_split_of_a_timeline():
     assert communication_split([]) == (0, 0)
 
 
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(0, 20)), max_size=14))
+@settings(max_examples=300, deadline=None)
+def test_timeline_spans_are_the_gaps_between_kernels_and_the_communication_only_time(spans):
+    kernels = [("ncclDevKernel_AllGather_RING_LL" if comm else "sm90_xmma_gemm_bf16", float(a), float(a + n))
+               for comm, a, n in spans if n]
+    idle, comm_only = timeline_spans(kernels, min_span=0)
+    cells = {kind: {t for comm, a, n in spans if comm == kind for t in range(a, a + n)} for kind in (True, False)}
+    busy = cells[True] | cells[False]
+    inside = set(range(min(busy), max(busy))) if busy else set()
+    assert {t for a, b in idle for t in range(int(a), int(b))} == inside - busy
+    assert {t for a, b in comm_only for t in range(int(a), int(b))} == cells[True] - cells[False]
+    assert all(a < b for a, b in idle + comm_only)
+    assert sum(b - a for a, b in comm_only) == pytest.approx(communication_split(kernels)[1])
+
+
+def test_timeline_spans_keep_only_spans_of_the_minimum_length():
+    kernels = [("gemm", 0, 10), ("nccl_AllGather", 5, 300), ("gemm", 400, 420), ("gemm", 450, 500)]
+    assert timeline_spans(kernels) == ([[300, 400]], [[10, 300]])  # the 30 us gap 420-450 is left out
+    assert timeline_spans(kernels, min_span=20) == ([[300, 400], [420, 450]], [[10, 300]])
+    assert timeline_spans([]) == ([], [])
+
+
 def test_device_kernels_leave_out_the_device_side_of_annotated_ranges():
     from types import SimpleNamespace as NS
 
@@ -85,6 +109,8 @@ def test_the_profiler_writes_the_chosen_steps_of_a_run(tmp_path):
     assert summary["host_syncs_per_step"] == []  # (CUDA's sync debug mode reports them)
     assert summary["idle_ms_per_step_by_host_op"] == []  # no kernels
     assert summary["collectives_per_step_by_range"] == []  # one process
+    assert summary["idle_spans_ms"] == summary["communication_only_spans_ms"] == []  # no kernels
+    assert abs(summary["trace_start_unix_ns"] - time.time_ns()) < 600e9  # the profiler's start, on the epoch clock
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("steps 2-3,") and "aten::mm" in table
     late = StepProfiler(3, 9, tmp_path / "late", rank=0)  # the run ends at step 4: steps 3-4 are written
@@ -392,3 +418,28 @@ def test_the_bench_profile_table_divides_each_profiled_step_into_micro_batches(t
     assert profile_table.rows({**run, "profile": [bare]})[0][3:] == ["-", "-", "800", "20", "-", "-"]
     path.write_text(json.dumps({**run, "profile": []}) + "\n")
     assert profile_table.main([str(path)]) == 1
+
+
+def test_the_bench_coupling_table_finds_one_process_waiting_while_the_other_idles(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import profile_coupling
+
+    # rank 1's profiler started 5 ms after rank 0's: its spans shift by 5 ms onto rank 0's clock
+    rank0 = dict(rank=0, steps=1, trace_start_unix_ns=1_000_000_000, idle_spans_ms=[[10.0, 20.0], [50.0, 60.0]],
+                 communication_only_spans_ms=[[30.0, 40.0]])
+    rank1 = dict(rank=1, steps=1, trace_start_unix_ns=1_005_000_000, idle_spans_ms=[[25.0, 35.0], [50.0, 52.0]],
+                 communication_only_spans_ms=[[5.0, 15.0]])
+    run = dict(variant="fsdp_prof", accumulation=2, profile=[rank0, rank1])
+    # on rank 0's clock rank 1 idles 30-40 and 55-57, and only communicates 10-20
+    assert profile_coupling.rows(run) == [["fsdp_prof", "0", "10", "5", "5", "1"],
+                                          ["fsdp_prof", "1", "6", "5", "5", "1"]]
+    assert profile_coupling.overlap([[0, 10], [20, 30]], [[5, 25]]) == 10
+    path = tmp_path / "call.jsonl"
+    path.write_text(json.dumps({"variant": "prepare"}) + "\n" + json.dumps(run) + "\n")
+    assert profile_coupling.main([str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| fsdp_prof | 0 | 10 | 5 | 5 | 1 |"
+    path.write_text(json.dumps({**run, "profile": [rank0]}) + "\n")  # one process: nothing to line up
+    assert profile_coupling.main([str(path)]) == 1

@@ -92,17 +92,28 @@ def communication_split(kernels: list[tuple[str, float, float]]) -> tuple[float,
     """(time some compute kernel ran, time only communication kernels ran) in the unit of the kernels' (name, start,
     end) times. Communication kernels are NCCL's (names containing "nccl"). Time with no compute kernel but a
     communication kernel running is communication not hidden behind compute: the GPU waits for the network there."""
+    compute, comm_only = _compute_and_communication_only(kernels)
+    return sum(b - a for a, b in compute), sum(b - a for a, b in comm_only)
+
+
+def timeline_spans(kernels: list[tuple[str, float, float]], min_span: float = 100.0
+                   ) -> tuple[list[list[float]], list[list[float]]]:
+    """(idle spans, communication-only spans) of one GPU's kernels (name, start, end), each `[start, end]` at least
+    `min_span` long (the profiler's microseconds): the gaps between its kernels, and the time only communication
+    kernels ran (`communication_split`). Two processes' spans on one host line up once shifted by their profilers'
+    start times (`bench/profile_coupling.py`)."""
+    busy = _union([(a, b) for _, a, b in kernels])
+    idle = [[stop, start] for (_, stop), (start, _) in zip(busy, busy[1:]) if start - stop >= min_span]
+    _, comm_only = _compute_and_communication_only(kernels)
+    return idle, [span for span in comm_only if span[1] - span[0] >= min_span]
+
+
+def _compute_and_communication_only(kernels: list[tuple[str, float, float]]
+                                    ) -> tuple[list[list[float]], list[list[float]]]:
+    """(the union of the compute kernels' times, the communication kernels' times outside it) as disjoint spans."""
     compute = _union([(a, b) for name, a, b in kernels if "nccl" not in name.lower()])
     comm = _union([(a, b) for name, a, b in kernels if "nccl" in name.lower()])
-    overlap, i = 0.0, 0
-    for start, stop in comm:  # both unions are disjoint and sorted: one sweep
-        while i < len(compute) and compute[i][1] <= start:
-            i += 1
-        j = i
-        while j < len(compute) and compute[j][0] < stop:
-            overlap += min(stop, compute[j][1]) - max(start, compute[j][0])
-            j += 1
-    return sum(b - a for a, b in compute), sum(b - a for a, b in comm) - overlap
+    return compute, _subtract(comm, compute)
 
 
 def device_kernels(events: list[Any], device_type: Any) -> list[tuple[str, float, float]]:
@@ -129,6 +140,24 @@ def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
     return spans
 
 
+def _subtract(spans: list[list[float]], minus: list[list[float]]) -> list[list[float]]:
+    """The parts of `spans` outside `minus` (both disjoint and sorted, as `_union` returns them), in order."""
+    out: list[list[float]] = []
+    i = 0
+    for start, stop in spans:  # one sweep over both
+        while i < len(minus) and minus[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(minus) and minus[j][0] < stop:
+            if minus[j][0] > start:
+                out.append([start, minus[j][0]])
+            start = max(start, minus[j][1])
+            j += 1
+        if start < stop:
+            out.append([start, stop])
+    return out
+
+
 class StepProfiler(TrainerCallback):
     """Trainer callback behind `--profile_steps first-last`: `torch.profiler` over those optimizer steps, in every
     process. Writes `<out_dir>/rank<N>.txt` (the operators with the most self GPU time, then self CPU time) and
@@ -136,8 +165,9 @@ class StepProfiler(TrainerCallback):
     compute kernels, the time a step only communication kernels ran (`communication_split`), the top kernels in
     milliseconds per step, the collective calls a step by where they were issued (`collectives_by_range`), the GPU's
     idle time a step by what the host ran meanwhile (`idle_gaps`; the model and its blocks are marked by
-    `annotate_forward`, so a gap names the block the host was in), and on CUDA the host synchronisations a step by
-    call site)."""
+    `annotate_forward`, so a gap names the block the host was in), on CUDA the host synchronisations a step by
+    call site, and the GPU's idle and communication-only spans over the profiled steps with the profiler's start
+    time, to line two processes' timelines up (`timeline_spans`))."""
 
     def __init__(self, first: int, last: int, out_dir: Path, rank: int):
         self.first, self.last, self.out_dir, self.rank = first, last, out_dir, rank
@@ -188,6 +218,11 @@ class StepProfiler(TrainerCallback):
         self._profiler.stop()
         self._recording.close()
 
+    def _trace_start_ns(self) -> int | None:
+        """When the profiler's clock (every event's time counts from it) started, in nanoseconds since the epoch."""
+        results = getattr(getattr(self._profiler, "profiler", None), "kineto_results", None)
+        return int(results.trace_start_ns()) if results is not None else None
+
     def _write(self, wall: float, last: int) -> None:
         from torch.autograd import DeviceType
 
@@ -211,6 +246,10 @@ class StepProfiler(TrainerCallback):
                                                       for label, n in collectives_by_range(host_ops)[:15]],
                        host_syncs_per_step=[(site, round(n / steps, 2))
                                             for site, n in self._syncs.counts.most_common()])
+        idle_spans, comm_spans = timeline_spans(named)
+        summary.update(trace_start_unix_ns=self._trace_start_ns(),
+                       idle_spans_ms=[[round(a / 1e3, 3), round(b / 1e3, 3)] for a, b in idle_spans],
+                       communication_only_spans_ms=[[round(a / 1e3, 3), round(b / 1e3, 3)] for a, b in comm_spans])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
