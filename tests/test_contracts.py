@@ -582,6 +582,29 @@ def test_argparse_option_string_actions_lists_the_flags():
         assert "--projector_lr" in parser._option_string_actions and "--output_dir" in parser._option_string_actions
 
 
+def test_torch_profiler_kineto_results_trace_start_is_the_origin_of_the_event_times():
+    skip_unless_used("kineto_results")
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with contract("torch.autograd.profiler.profile.kineto_results.trace_start_ns() (epoch nanoseconds; every "
+                  "FunctionEvent's time_range counts microseconds from it)",
+                  "trl_rejection/callbacks.py StepProfiler._trace_start_ns (timeline spans of two processes lined "
+                  "up by bench/profile_coupling.py)",
+                  "find the profiler's start time in the new profiler result, or record time.time_ns() when the "
+                  "profiler starts (less exact)."):
+        before = time.time_ns()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            time.sleep(0.01)
+            torch.ones(8).sum()
+        after = time.time_ns()
+        start = prof.profiler.kineto_results.trace_start_ns()
+        assert isinstance(start, int) and before - 10**9 <= start <= after
+        op = next(e for e in prof.events() if e.name == "aten::sum")
+        assert before <= start + op.time_range.start * 1e3 <= after
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # One place: docs/internals.md lists every private use found in the sources, and every contract test it names exists
 # --------------------------------------------------------------------------------------------------------------------
@@ -589,7 +612,7 @@ def test_argparse_option_string_actions_lists_the_flags():
 UPSTREAM = ("transformers", "trl", "datasets", "accelerate", "peft", "deepspeed", "evaluate", "huggingface_hub")
 # Uses of upstream internals that have no leading underscore, which the scan below cannot tell from public API
 NAMED = ("log_probs", "get_rope_index", "check_argument_for_proper_class", "variance_epsilon", "__new__", "ds_numel",
-         "update_fsdp_plugin_peft", "unset_hf_deepspeed_config", "disable_input_dtype_casting")
+         "update_fsdp_plugin_peft", "unset_hf_deepspeed_config", "disable_input_dtype_casting", "kineto_results")
 # Environment variables that are documented public conventions (torchrun / CUDA), not internals
 PUBLIC_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "MASTER_ADDR",
               "MASTER_PORT", "HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"}
