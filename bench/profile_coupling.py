@@ -12,23 +12,18 @@ yet; idle time while the other is idle too is time both hosts lost at once. Runs
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for trl_rejection
+from profile_table import print_table  # noqa: E402  (in this script's folder, bench/)
+
+from trl_rejection.callbacks import subtract_spans  # noqa: E402
 
 
 def overlap(spans: list[list[float]], other: list[list[float]]) -> float:
     """Total length of the intersection of two lists of disjoint, sorted [start, end] spans."""
-    total, j = 0.0, 0
-    for start, stop in spans:
-        while j < len(other) and other[j][1] <= start:
-            j += 1
-        k = j
-        while k < len(other) and other[k][0] < stop:
-            total += min(stop, other[k][1]) - max(start, other[k][0])
-            k += 1
-    return total
+    return sum(b - a for a, b in spans) - sum(b - a for a, b in subtract_spans(spans, other))
 
 
 def rows(record: dict) -> list[list[str]]:
@@ -57,19 +52,7 @@ HEADER = ["run", "rank", "idle ms", "communication-only ms", "communication-only
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("jsonl", nargs="+", type=Path, help="bench_scale.py JSON lines")
-    args = parser.parse_args(argv)
-    records = [json.loads(line) for path in args.jsonl for line in path.read_text().splitlines() if line.strip()]
-    table = [row for record in records if "accumulation" in record for row in rows(record)]
-    if not table:
-        print("no two-process profiles with timeline spans in " + ", ".join(map(str, args.jsonl)), file=sys.stderr)
-        return 1
-    print("| " + " | ".join(HEADER) + " |")
-    print("|" + "---|" * len(HEADER))
-    for row in table:
-        print("| " + " | ".join(row) + " |")
-    return 0
+    return print_table(argv, __doc__, HEADER, rows, "two-process profiles with timeline spans")
 
 
 if __name__ == "__main__":

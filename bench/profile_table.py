@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,19 +50,26 @@ HEADER = ["run", "rank", "profiled step s (micro-batches)", "GEMM ms", "all-gath
           "communication-only ms", "idle ms", "largest idle, by host op: ms"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_table(argv: list[str] | None, doc: str, header: list[str], rows_of: Callable[[dict], list[list[str]]],
+                what: str) -> int:
+    """The command line of a profile table script: read the runs of the JSON lines given, print `header` and the
+    `rows_of` each run (not `prepare`'s line) as Markdown; 1 (and a message naming `what` was missing) if none."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("jsonl", nargs="+", type=Path, help="bench_scale.py JSON lines")
     args = parser.parse_args(argv)
     records = [json.loads(line) for path in args.jsonl for line in path.read_text().splitlines() if line.strip()]
-    table = [row for record in records if "accumulation" in record for row in rows(record)]  # not `prepare`
+    table = [row for record in records if "accumulation" in record for row in rows_of(record)]
     if not table:
-        print("no profiled runs in " + ", ".join(map(str, args.jsonl)), file=sys.stderr)
+        print(f"no {what} in " + ", ".join(map(str, args.jsonl)), file=sys.stderr)
         return 1
-    print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in table:
         print("| " + " | ".join(row) + " |")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return print_table(argv, __doc__, HEADER, rows, "profiled runs")
 
 
 if __name__ == "__main__":

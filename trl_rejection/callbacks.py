@@ -113,7 +113,7 @@ def _compute_and_communication_only(kernels: list[tuple[str, float, float]]
     """(the union of the compute kernels' times, the communication kernels' times outside it) as disjoint spans."""
     compute = _union([(a, b) for name, a, b in kernels if "nccl" not in name.lower()])
     comm = _union([(a, b) for name, a, b in kernels if "nccl" in name.lower()])
-    return compute, _subtract(comm, compute)
+    return compute, subtract_spans(comm, compute)
 
 
 def device_kernels(events: list[Any], device_type: Any) -> list[tuple[str, float, float]]:
@@ -140,8 +140,9 @@ def _union(intervals: list[tuple[float, float]]) -> list[list[float]]:
     return spans
 
 
-def _subtract(spans: list[list[float]], minus: list[list[float]]) -> list[list[float]]:
-    """The parts of `spans` outside `minus` (both disjoint and sorted, as `_union` returns them), in order."""
+def subtract_spans(spans: list[list[float]], minus: list[list[float]]) -> list[list[float]]:
+    """The parts of `spans` outside `minus` (both disjoint, sorted `[start, end]` spans, as `timeline_spans` returns
+    them), in order."""
     out: list[list[float]] = []
     i = 0
     for start, stop in spans:  # one sweep over both
