@@ -41,6 +41,9 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
                     most 8 or 4 SMs: fewer SMs taken from the compute kernels that the all-gathers overlap)
     fsdp_accel      fsdp with --fsdp_autocast_precision false (accelerate's FSDP2 policy: block inputs/outputs and
                     gradient reduction in bf16)
+    ref1_compile, ddp_compile, fsdp_compile, zero3_compile   ref1 / ddp / fsdp / zero3 launched with accelerate's
+                    regional compilation (`--dynamo_backend inductor --dynamo_use_regional_compilation
+                    --dynamo_use_dynamic`: each repeated block compiled once, hooks of FSDP2 and DeepSpeed outside)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
     ref1_b4         1 GPU, bf16 base, batch 4 x 8 (qlora's batch without quantization)
 Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for their losses, not their speed.
@@ -115,12 +118,16 @@ RUNS = {  # name: (accelerate config, processes, per-device batch, accumulation,
     "fsdp_vis": ("fsdp", 2, 16, 1, ()), "fsdp_keepvis": ("fsdp", 2, 16, 1, ()),
     "fsdp_cta8": ("fsdp", 2, 16, 1, ()), "zero3_cta8": ("zero3", 2, 16, 1, ()),
     "fsdp_cta4": ("fsdp", 2, 16, 1, ()), "zero3_cta4": ("zero3", 2, 16, 1, ()),
+    "ref1_compile": ("single_gpu", 1, 16, 2, ()), "ddp_compile": ("multi_gpu", 2, 16, 1, ()),
+    "fsdp_compile": ("fsdp", 2, 16, 1, ()), "zero3_compile": ("zero3", 2, 16, 1, ()),
 }
+COMPILE = ["--dynamo_backend", "inductor", "--dynamo_use_regional_compilation", "--dynamo_use_dynamic"]
 LAUNCH_FLAGS = {  # accelerate launch options of a run
     "fsdp_keep": ["--fsdp_reshard_after_forward", "false"],
     "fsdp_vis": ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"],
     "fsdp_keepvis": ["--fsdp_reshard_after_forward", "false", "--fsdp_transformer_layer_cls_to_wrap",
                      "LlamaDecoderLayer"],
+    **{name: COMPILE for name in ("ref1_compile", "ddp_compile", "fsdp_compile", "zero3_compile")},
 }
 RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"},
            "fsdp_cta8": {"NCCL_MAX_CTAS": "8"}, "zero3_cta8": {"NCCL_MAX_CTAS": "8"},
