@@ -24,12 +24,12 @@ SMALL_MIX = json.dumps({"n_refusal": 16, "n_normal": 48})
 
 
 def launch(tmp_path: Path, config: str, processes: int, *args: str, fake_hub: Path | None = None,
-           site: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess:
-    """Run the recipe through `accelerate launch`; with `fake_hub`, Hub uploads are copied there instead
-    (tests/fake_hub/sitecustomize.py: the GPU machines are offline); `site`: a folder put first on the processes'
-    PYTHONPATH (a `sitecustomize.py` there runs in each of them)."""
+           site: Path | None = None, launch_args: tuple[str, ...] = (), **extra_env: str) -> subprocess.CompletedProcess:
+    """Run the recipe through `accelerate launch` (with `launch_args`, options of `accelerate launch` itself); with
+    `fake_hub`, Hub uploads are copied there instead (tests/fake_hub/sitecustomize.py: the GPU machines are offline);
+    `site`: a folder put first on the processes' PYTHONPATH (a `sitecustomize.py` there runs in each of them)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
-           "--num_processes", str(processes), RECIPE, "--use_cpu", "false", "--bf16", "true", *args]
+           "--num_processes", str(processes), *launch_args, RECIPE, "--use_cpu", "false", "--bf16", "true", *args]
     env = {**os.environ, "TRL_REJECTION_CACHE": str(tmp_path / "cache"), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     env.update(extra_env)
@@ -132,6 +132,37 @@ def test_recipe_default_job_on_one_gpu(tmp_path):
     assert (tmp_path / "one" / "final" / "adapter_model.safetensors").is_file()
     losses = logged_losses(tmp_path / "one")
     assert losses[max(losses)] < losses[min(losses)]
+
+
+REGIONAL_COMPILE = ("--dynamo_backend", "inductor", "--dynamo_use_regional_compilation", "--dynamo_use_dynamic")
+
+
+@pytest.mark.parametrize("config", ["single_gpu", "fsdp"])
+def test_recipe_trains_under_regional_compilation_as_it_does_eager(tmp_path, config):
+    """accelerate's regional compilation (README, "Faster steps: compile the blocks"): each repeated block compiled
+    once by inductor (on one GPU accelerate compiles copies of the block containers, under FSDP2 the blocks in place,
+    its hooks outside). The recipe trains, inductor generated kernels, the adapter has the eager run's keys (no
+    `_orig_mod.` in them) and every logged loss is within 1% of the eager run's."""
+    if config != "single_gpu":
+        _needs(config)
+    processes = 1 if config == "single_gpu" else 2
+    job = ("--max_steps", "6", "--mix", SMALL_MIX, "--eval_bundled", "false", "--logging_steps", "1",
+           "--save_strategy", "steps", "--save_steps", "6")
+    launch(tmp_path, config, processes, "--output_dir", "eager", *job)
+    launch(tmp_path, config, processes, "--output_dir", "compiled", *job, launch_args=REGIONAL_COMPILE,
+           TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    assert list((tmp_path / "inductor").rglob("*.py")), "inductor generated no kernels: nothing was compiled"
+    from safetensors import safe_open
+
+    keys = {}
+    for run in ("eager", "compiled"):
+        with safe_open(tmp_path / run / "final" / "adapter_model.safetensors", "pt") as f:
+            keys[run] = sorted(f.keys())
+    assert keys["compiled"] == keys["eager"] and keys["eager"]
+    eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    assert sorted(compiled) == sorted(eager) == list(range(1, 7))
+    for step, loss in eager.items():
+        assert abs(compiled[step] - loss) <= 0.01 * loss, (step, compiled[step], loss)
 
 
 def _needs(config: str) -> None:
