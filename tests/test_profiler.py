@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,7 +173,6 @@ def test_the_profiler_annotates_the_model_being_trained_from_its_first_step(tmp_
 def test_a_failed_write_leaves_the_profiler_stopped_for_close(tmp_path, monkeypatch):
     """If writing the tables fails, the profiler and the sync recording are stopped all the same, and the recipe's
     `close` (in its `finally`) then has nothing left to stop: it neither fails nor stops them a second time."""
-    from types import SimpleNamespace
 
     profiler = StepProfiler(1, 1, tmp_path / "profile", rank=0)
     profiler.on_step_begin(None, SimpleNamespace(global_step=0), None)
@@ -443,3 +443,33 @@ def test_the_bench_coupling_table_finds_one_process_waiting_while_the_other_idle
     assert capsys.readouterr().out.splitlines()[2] == "| fsdp_prof | 0 | 10 | 5 | 5 | 1 |"
     path.write_text(json.dumps({**run, "profile": [rank0]}) + "\n")  # one process: nothing to line up
     assert profile_coupling.main([str(path)]) == 1
+
+
+@pytest.mark.parametrize("how", ["accelerate", "torch_compile"])
+def test_the_profiler_adds_no_block_ranges_to_a_compiled_model(tmp_path, monkeypatch, how):
+    """Under `accelerate launch --dynamo_backend ...` (ACCELERATE_DYNAMO_BACKEND) or `--torch_compile`, the block
+    ranges' hooks would make dynamo recompile every compiled block inside the profiled steps: the profiler warns and
+    leaves them out; with the variable set to "no" (accelerate's default) it adds them."""
+    import trl_rejection.callbacks as callbacks
+
+    annotated = []
+
+    @contextlib.contextmanager
+    def record(model):
+        annotated.append(model)
+        yield
+
+    monkeypatch.setattr(callbacks, "annotate_forward", record)
+    args = SimpleNamespace(torch_compile=how == "torch_compile")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR" if how == "accelerate" else "NO")
+    model = torch.nn.Linear(2, 2)
+    profiler = StepProfiler(1, 1, tmp_path / "profile", rank=0)
+    with pytest.warns(UserWarning, match="no `trl_rejection: <Class>` ranges"):
+        profiler.on_step_begin(args, SimpleNamespace(global_step=0), None, model=model)
+    profiler.close()
+    assert annotated == []
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    profiler = StepProfiler(1, 1, tmp_path / "profile2", rank=0)
+    profiler.on_step_begin(SimpleNamespace(torch_compile=False), SimpleNamespace(global_step=0), None, model=model)
+    profiler.close()
+    assert annotated == [model]

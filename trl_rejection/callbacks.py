@@ -186,8 +186,13 @@ class StepProfiler(TrainerCallback):
             self._profiler = profile(activities=activities)
             self._recording = contextlib.ExitStack()
             self._recording.enter_context(self._syncs.recording())
-            if model is not None:
+            if model is not None and not compiled_run(args):
                 self._recording.enter_context(annotate_forward(model))
+            elif model is not None:
+                warnings.warn("--profile_steps on a compiled model: the model and its blocks get no "
+                              "`trl_rejection: <Class>` ranges (their hooks would make dynamo recompile every compiled "
+                              "block inside the profiled steps), so idle gaps and collectives are not split by block.",
+                              stacklevel=2)
             self._profiler.start()
             self._t0 = time.perf_counter()
 
@@ -258,6 +263,13 @@ class StepProfiler(TrainerCallback):
             tables.insert(0, averages.table(sort_by="self_device_time_total", row_limit=30))
         (self.out_dir / f"rank{self.rank}.txt").write_text(f"steps {self.first}-{last}, {wall / steps:.3f} s a "
                                                            f"step\n\n" + "\n\n".join(tables) + "\n")
+
+
+def compiled_run(args: Any) -> bool:
+    """Whether the model is compiled: `--torch_compile`, or `accelerate launch --dynamo_backend` (or `dynamo_config`
+    in its config file), which says so in `ACCELERATE_DYNAMO_BACKEND`, the variable the Accelerator reads."""
+    launched = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", "")
+    return bool(getattr(args, "torch_compile", False)) or launched
 
 
 ANNOTATION = "trl_rejection: "
