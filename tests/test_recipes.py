@@ -373,3 +373,23 @@ def test_bad_paths_and_mix_blocks_stop_before_any_model_is_built(args, message, 
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0] and "Fix:" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, not even the output folder
+
+
+@pytest.mark.parametrize("config", ["single_gpu", "multi_gpu"])
+def test_the_commented_compile_block_of_the_accelerate_configs_switches_regional_compilation_on(tmp_path, config):
+    """single_gpu.yaml and multi_gpu.yaml carry a commented `dynamo_config` block (README: compile the blocks).
+    Uncommented, `accelerate launch` reads it and hands the processes the variables its Accelerator compiles by."""
+    text = (ROOT / "recipes" / "accelerate_configs" / f"{config}.yaml").read_text()
+    assert "# dynamo_config:" in text
+    on = "\n".join(line[2:] if line.startswith(("# dynamo_config:", "#   dynamo_")) else line
+                   for line in text.splitlines())
+    (tmp_path / "on.yaml").write_text(on)
+    (tmp_path / "env.py").write_text("import json, os\n"
+                                     "print(json.dumps({k: v for k, v in os.environ.items() if 'DYNAMO' in k}))\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "on.yaml"), "--cpu",
+           "--num_processes", "1", "--main_process_port", "0", str(tmp_path / "env.py")]
+    proc = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["ACCELERATE_DYNAMO_BACKEND"] == "INDUCTOR"
+    assert seen["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] == seen["ACCELERATE_DYNAMO_USE_DYNAMIC"] == "True"
