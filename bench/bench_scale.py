@@ -43,7 +43,8 @@ Runs (global batch 32 each, or GLOBAL; the accumulation below is for 32):
                     gradient reduction in bf16)
     ref1_compile, ddp_compile, fsdp_compile, zero3_compile   ref1 / ddp / fsdp / zero3 launched with accelerate's
                     regional compilation (`--dynamo_backend inductor --dynamo_use_regional_compilation
-                    --dynamo_use_dynamic`: each repeated block compiled once, hooks of FSDP2 and DeepSpeed outside)
+                    --dynamo_use_dynamic`: each repeated block compiled once; zero3_compile also sets the
+                    ACCELERATE_DYNAMO_* variables, which accelerate's DeepSpeed launcher does not pass on)
     qlora           1 GPU, --load_in_4bit true (QLoRA: 4-bit NF4 base), batch 4 x 8 accumulation
     ref1_b4         1 GPU, bf16 base, batch 4 x 8 (qlora's batch without quantization)
 Runs joined by "+" (e.g. `fsdp1+zero3x1`) run side by side, one per GPU: for their losses, not their speed.
@@ -131,7 +132,10 @@ LAUNCH_FLAGS = {  # accelerate launch options of a run
 }
 RUN_ENV = {"fsdp_simple": {"NCCL_PROTO": "Simple"}, "zero3_simple": {"NCCL_PROTO": "Simple"},
            "fsdp_cta8": {"NCCL_MAX_CTAS": "8"}, "zero3_cta8": {"NCCL_MAX_CTAS": "8"},
-           "fsdp_cta4": {"NCCL_MAX_CTAS": "4"}, "zero3_cta4": {"NCCL_MAX_CTAS": "4"}}  # environment of a run
+           "fsdp_cta4": {"NCCL_MAX_CTAS": "4"}, "zero3_cta4": {"NCCL_MAX_CTAS": "4"},
+           # accelerate's DeepSpeed launcher does not hand --dynamo_* on to the processes: the variables it would set
+           "zero3_compile": {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "True",
+                             "ACCELERATE_DYNAMO_USE_DYNAMIC": "True"}}  # environment of a run
 
 
 def log(record: dict) -> None:
