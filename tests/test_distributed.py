@@ -338,3 +338,27 @@ def test_deepspeed_autocast_runs_the_forward_under_autocast_inside_the_engine(tm
         models.append(trainer.model)
     assert [(m is model, half, option) for (m, half, option), model in zip(calls, models)] == [
         (True, torch.bfloat16, True), (True, torch.bfloat16, False), (True, None, True)]
+
+
+def test_regional_compilation_on_an_accelerate_that_compiles_nothing_is_warned_about(caplog):
+    """accelerate before 1.15 compiled none of the blocks under `--dynamo_use_regional_compilation` (checked with
+    1.10.1 and 1.14.0): the trainer says so and names the fix; with 1.15, without regional compilation, or without a
+    dynamo backend it stays silent."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    from trl_rejection.distributed import check_regional_compilation
+
+    def acc(backend: str, regional: bool) -> SimpleNamespace:
+        plugin = TorchDynamoPlugin(backend=backend, use_regional_compilation=regional)
+        return SimpleNamespace(state=SimpleNamespace(dynamo_plugin=plugin))
+
+    with caplog.at_level("WARNING", logger="trl_rejection.distributed"):
+        assert check_regional_compilation(acc("inductor", True), version="1.14.0") is False
+    assert "accelerate 1.14.0 compiles none" in caplog.text and "accelerate>=1.15" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trl_rejection.distributed"):
+        assert check_regional_compilation(acc("inductor", True), version="1.15.0")
+        assert check_regional_compilation(acc("inductor", False), version="1.10.1")
+        assert check_regional_compilation(acc("no", True), version="1.10.1")
+        assert check_regional_compilation(SimpleNamespace(state=SimpleNamespace()), version="1.10.1")
+    assert caplog.text == ""

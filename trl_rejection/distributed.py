@@ -322,3 +322,28 @@ def end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+REGIONAL_COMPILATION_MIN_ACCELERATE = "1.15"
+"""The first accelerate whose regional compilation compiles this library's models (1.10.1 and 1.14.0 compiled none of
+their blocks, without a word: checked on CPU, DDP and FSDP2)."""
+
+
+def check_regional_compilation(accelerator: Any, version: str | None = None) -> bool:
+    """Warn (and return False) when the launch asked for regional compilation (`--dynamo_use_regional_compilation`)
+    and this accelerate (`version`, default the installed one) would leave every block eager; True otherwise."""
+    from packaging.version import Version
+
+    plugin = getattr(accelerator.state, "dynamo_plugin", None)
+    if plugin is None or str(plugin.backend.value).lower() == "no" or not plugin.use_regional_compilation:
+        return True
+    if version is None:
+        import accelerate
+
+        version = accelerate.__version__
+    if Version(version) >= Version(REGIONAL_COMPILATION_MIN_ACCELERATE):
+        return True
+    logger.warning("Regional compilation was asked for, but accelerate %s compiles none of this model's blocks: "
+                   "training runs eager. Fix: pip install 'accelerate>=%s'.", version,
+                   REGIONAL_COMPILATION_MIN_ACCELERATE)
+    return False

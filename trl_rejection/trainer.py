@@ -212,6 +212,7 @@ class RejectionSFTTrainer(SFTTrainer):
         if args.varlen_vision_attention:
             use_varlen_vision_attention(self.model)
         self._rope_module = rope_index_module(self.model) if padding_free else None
+        distributed.check_regional_compilation(self.accelerator)
         distributed.setup_fsdp_wrapping(self.accelerator, self.model)
         policy = distributed.setup_fsdp_precision(self.accelerator, args.fsdp_autocast_precision)
         # accelerate autocasts the model's forward in every setup but FSDP2, where it applies only the policy
