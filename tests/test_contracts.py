@@ -441,20 +441,21 @@ def test_transformers_deepspeed_weak_ref_is_what_zero3_checks_read(monkeypatch):
         assert modeling_utils.is_deepspeed_zero3_enabled(), "restoring the weak ref did not turn it back on"
 
 
-def test_accelerate_dynamo_backend_env_var_is_what_its_dynamo_plugin_reads(monkeypatch):
-    skip_unless_used('ACCELERATE_DYNAMO_BACKEND')
+def test_accelerate_dynamo_plugin_takes_the_launchers_backend(monkeypatch):
     import accelerate.utils.launch as launch
     from accelerate.utils import DynamoBackend, TorchDynamoPlugin
 
-    with contract("the ACCELERATE_DYNAMO_BACKEND environment variable: set by `accelerate launch` (--dynamo_backend, "
-                  "dynamo_config) and read by accelerate's TorchDynamoPlugin, which compiles the model",
-                  "trl_rejection/callbacks.py compiled_run (the profiler leaves a compiled model's blocks unhooked)",
-                  "read the backend from the Accelerator's dynamo plugin (pass it to StepProfiler) instead."):
+    with contract("accelerate.utils.TorchDynamoPlugin / DynamoBackend: built without a backend, the plugin takes the one "
+                  "`accelerate launch --dynamo_backend` set (ACCELERATE_DYNAMO_BACKEND); a given backend wins",
+                  "trl_rejection/callbacks.py compiled_run, trl_rejection/distributed.py check_regional_compilation",
+                  "find where accelerate now keeps the launcher's dynamo choice, or pass the Trainer's "
+                  "accelerator.state.dynamo_plugin to StepProfiler."):
         assert "ACCELERATE_DYNAMO_BACKEND" in inspect.getsource(launch), "accelerate launch no longer sets it"
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
         assert TorchDynamoPlugin().backend == DynamoBackend.INDUCTOR
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
         assert TorchDynamoPlugin().backend == DynamoBackend.NO
+        assert TorchDynamoPlugin(backend="inductor").backend == DynamoBackend.INDUCTOR
 
 
 def test_accelerate_use_fsdp_env_var_is_what_transformers_loading_reads(monkeypatch):

@@ -460,7 +460,7 @@ def test_the_profiler_adds_no_block_ranges_to_a_compiled_model(tmp_path, monkeyp
         yield
 
     monkeypatch.setattr(callbacks, "annotate_forward", record)
-    args = SimpleNamespace(torch_compile=how == "torch_compile")
+    args = SimpleNamespace(torch_compile_backend="inductor" if how == "torch_compile" else None)
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR" if how == "accelerate" else "NO")
     model = torch.nn.Linear(2, 2)
     profiler = StepProfiler(1, 1, tmp_path / "profile", rank=0)
@@ -470,6 +470,7 @@ def test_the_profiler_adds_no_block_ranges_to_a_compiled_model(tmp_path, monkeyp
     assert annotated == []
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
     profiler = StepProfiler(1, 1, tmp_path / "profile2", rank=0)
-    profiler.on_step_begin(SimpleNamespace(torch_compile=False), SimpleNamespace(global_step=0), None, model=model)
+    profiler.on_step_begin(SimpleNamespace(torch_compile_backend=None), SimpleNamespace(global_step=0), None,
+                           model=model)
     profiler.close()
     assert annotated == [model]

@@ -23,13 +23,17 @@ def env(tmp_path: Path) -> dict:
             "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(tmp_path: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+def launch(tmp_path: Path, *args: str, processes: int = 1, launch_args: tuple[str, ...] = (),
+           **extra_env: str) -> subprocess.CompletedProcess:
+    """Run the recipe through `accelerate launch`: on one CPU process, on two (`multi_cpu.yaml`), or as `launch_args`
+    (options of `accelerate launch` itself, before the script) say; `extra_env` added to the environment."""
     # port 0: a free port, so two suites (the CI's version-matrix legs) can launch side by side
     how = (["--config_file", str(ROOT / "recipes" / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port",
             "0"] if processes == 2 else
            ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, RECIPE, *args]
-    proc = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(launch_args or how), RECIPE, *args]
+    proc = subprocess.run(cmd, env={**env(tmp_path), **extra_env}, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -404,20 +408,17 @@ def test_fsdp2_trains_under_regional_compilation_as_it_does_eager(tmp_path):
     (before 1.15) the trainer warns instead."""
     from safetensors import safe_open
 
-    def run(name: str, *launch_args: str, **extra_env: str) -> tuple[dict[int, float], str]:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "recipes" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2",
-               "--main_process_port", "0", "--mixed_precision", "no", *launch_args, RECIPE, "--output_dir", name,
-               "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "3", *SMALL]
-        proc = subprocess.run(cmd, env={**env(tmp_path), **extra_env}, capture_output=True, text=True, timeout=600,
-                              cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    def run(name: str, *compile_args: str) -> tuple[dict[int, float], str]:
+        fsdp = ("--config_file", str(ROOT / "recipes" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2",
+                "--main_process_port", "0", "--mixed_precision", "no", *compile_args)
+        proc = launch(tmp_path, "--output_dir", name, "--max_steps", "3", "--logging_steps", "1", "--save_strategy",
+                      "steps", "--save_steps", "3", *SMALL, launch_args=fsdp, TORCH_LOGS="graph_code")
         history = json.loads((tmp_path / name / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
         return {h["step"]: h["loss"] for h in history if "loss" in h}, proc.stderr
 
-    eager, eager_log = run("eager", TORCH_LOGS="graph_code")
+    eager, eager_log = run("eager")
     compiled, log = run("compiled", "--dynamo_backend", "aot_eager", "--dynamo_use_regional_compilation",
-                        "--dynamo_use_dynamic", TORCH_LOGS="graph_code")
+                        "--dynamo_use_dynamic")
     import accelerate
     from packaging.version import Version
 

@@ -266,10 +266,12 @@ class StepProfiler(TrainerCallback):
 
 
 def compiled_run(args: Any) -> bool:
-    """Whether the model is compiled: `--torch_compile`, or `accelerate launch --dynamo_backend` (or `dynamo_config`
-    in its config file), which says so in `ACCELERATE_DYNAMO_BACKEND`, the variable the Accelerator reads."""
-    launched = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", "")
-    return bool(getattr(args, "torch_compile", False)) or launched
+    """Whether the Trainer compiles the model: the dynamo plugin it builds (`--torch_compile`'s backend, else what
+    `accelerate launch --dynamo_backend` or a config file's `dynamo_config` set) has a backend."""
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin
+
+    plugin = TorchDynamoPlugin(backend=getattr(args, "torch_compile_backend", None))
+    return plugin.backend != DynamoBackend.NO
 
 
 ANNOTATION = "trl_rejection: "

@@ -334,8 +334,10 @@ def check_regional_compilation(accelerator: Any, version: str | None = None) -> 
     and this accelerate (`version`, default the installed one) would leave every block eager; True otherwise."""
     from packaging.version import Version
 
+    from accelerate.utils import DynamoBackend
+
     plugin = getattr(accelerator.state, "dynamo_plugin", None)
-    if plugin is None or str(plugin.backend.value).lower() == "no" or not plugin.use_regional_compilation:
+    if plugin is None or plugin.backend == DynamoBackend.NO or not plugin.use_regional_compilation:
         return True
     if version is None:
         import accelerate
